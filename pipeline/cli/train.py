@@ -1,0 +1,164 @@
+"""`gpt3 train` / `stages/train.py`: the training guide's command line.
+
+    python3 stages/train.py --config configs/model_configs/1.3B.yaml \
+        --training_config configs/training_configs/large_scale.yaml [--fp16] [--seed N] ...
+
+With no config flags it trains what `params.yaml` describes (this is how DVC runs it). With
+`--config`/`--training_config`/`--model_size` it trains exactly those files and ignores
+params.yaml, unless `--params` names it too. Exit codes: 0 done, 2 bad input, 143 stopped by
+SIGTERM/SIGINT after saving a checkpoint (resume with `--resume_from_checkpoint latest`).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+import yaml
+
+from pipeline.config.loader import load_config
+from pipeline.errors import PREEMPTED_EXIT_CODE, ConfigError
+
+
+def parse_set(values: tuple[str, ...]) -> dict[str, Any]:
+    """`--set training.lr=3e-4` -> {"training.lr": 3e-4} (values parsed as YAML scalars)."""
+    out: dict[str, Any] = {}
+    for item in values:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. training.lr=3e-4")
+        out[key.strip()] = yaml.safe_load(raw)
+    return out
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--params",
+    "params_file",
+    type=click.Path(dir_okay=False),
+    help="params.yaml to layer over the config files (default: params.yaml when no "
+    "config flags are given).",
+)
+@click.option(
+    "--config",
+    "model_config",
+    type=click.Path(dir_okay=False),
+    help="Model config, e.g. configs/model_configs/1.3B.yaml.",
+)
+@click.option("--model_size", help="Shortcut for --config configs/model_configs/<SIZE>.yaml.")
+@click.option(
+    "--training_config",
+    type=click.Path(dir_okay=False),
+    help="Training recipe, e.g. configs/training_configs/large_scale.yaml.",
+)
+@click.option("--seed", type=int, help="The run's one seed.")
+@click.option("--output_dir", help="Run directory (default experiments/<name>).")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]))
+@click.option("--fp16", is_flag=True, help="Same as --precision fp16 (dynamic loss scaling).")
+@click.option("--bf16", is_flag=True, help="Same as --precision bf16.")
+@click.option(
+    "--gradient_checkpointing",
+    is_flag=True,
+    default=None,
+    help="Recompute each block's activations in the backward pass.",
+)
+@click.option("--compile", "compile_model", is_flag=True, default=None, help="torch.compile.")
+@click.option("--max_steps", type=int)
+@click.option(
+    "--resume_from_checkpoint",
+    help="A checkpoint file, a checkpoints folder, 'latest', or 'auto' (resume only if "
+    "the latest checkpoint has this exact config).",
+)
+@click.option("--distributed_backend", type=click.Choice(["nccl", "gloo"]))
+@click.option("--num_nodes", type=int)
+@click.option("--gpus_per_node", type=int)
+@click.option("--deepspeed_config", type=click.Path(dir_okay=False))
+@click.option(
+    "--local_rank",
+    "--local-rank",
+    "local_rank",
+    type=int,
+    hidden=True,
+    help="Passed by torch.distributed.launch and deepspeed; the rank is read from the environment.",
+)
+@click.option(
+    "--set",
+    "sets",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override any config key, e.g. --set training.lr=3e-4 (repeatable).",
+)
+def train(
+    params_file: str | None,
+    model_config: str | None,
+    model_size: str | None,
+    training_config: str | None,
+    seed: int | None,
+    output_dir: str | None,
+    precision: str | None,
+    fp16: bool,
+    bf16: bool,
+    gradient_checkpointing: bool | None,
+    compile_model: bool | None,
+    max_steps: int | None,
+    resume_from_checkpoint: str | None,
+    distributed_backend: str | None,
+    num_nodes: int | None,
+    gpus_per_node: int | None,
+    deepspeed_config: str | None,
+    local_rank: int | None,
+    sets: tuple[str, ...],
+) -> int:
+    """Train a GPT model (resumable; see the module docstring for precedence)."""
+    if fp16 and bf16:
+        raise ConfigError("--fp16 and --bf16 are mutually exclusive")
+    chosen = "fp16" if fp16 else "bf16" if bf16 else None
+    if chosen and precision and chosen != precision:
+        raise ConfigError(f"--{chosen} contradicts --precision {precision}")
+    explicit_files = any((model_config, model_size, training_config))
+    if params_file is None and not explicit_files and Path("params.yaml").is_file():
+        params_file = "params.yaml"
+    flags: dict[str, Any] = {
+        "seed": seed,
+        "output_dir": output_dir,
+        "training.precision": chosen or precision,
+        "training.gradient_checkpointing": gradient_checkpointing,
+        "training.compile": compile_model,
+        "training.max_steps": max_steps,
+        "distributed.backend": distributed_backend,
+        "distributed.num_nodes": num_nodes,
+        "distributed.gpus_per_node": gpus_per_node,
+        "distributed.deepspeed_config": deepspeed_config,
+    }
+    # Named flags are more specific than --set, so they win.
+    overrides = {**parse_set(sets), **{k: v for k, v in flags.items() if v is not None}}
+    if params_file is None and output_dir is None:
+        model_name = model_size or (Path(model_config).stem if model_config else "model")
+        recipe = Path(training_config).stem if training_config else "default"
+        overrides.setdefault("name", f"{model_name}-{recipe}")
+    config = load_config(
+        params_file=params_file,
+        model_config=model_config,
+        training_config=training_config,
+        model_size=model_size,
+        overrides=overrides,
+    )
+    world = config.distributed.num_nodes * config.distributed.gpus_per_node
+    if world > 1 or config.distributed.deepspeed_config:
+        raise ConfigError(
+            f"distributed training ({world} processes, deepspeed_config="
+            f"{config.distributed.deepspeed_config}) is not available in this version; "
+            "train on one device"
+        )
+    from pipeline.training.run import train as run_training  # heavy imports after validation
+
+    result = run_training(config, resume=resume_from_checkpoint, console=True)
+    if result.preempted:
+        click.echo(
+            f"stopped at step {result.progress.step}; resume with --resume_from_checkpoint latest",
+            err=True,
+        )
+        sys.exit(PREEMPTED_EXIT_CODE)
+    return 0

@@ -1,0 +1,101 @@
+"""The evaluate stage: a trained model -> metrics/eval.json, metrics/samples.md, MLflow.
+
+Order, chosen so a mistake costs no model time and leaves nothing half-written: benchmark
+files are parsed and the validation data opened first, then the model runs (validation
+metrics, benchmarks, samples), then `eval.json` and `samples.md` are written atomically and
+the same numbers go to the training run's MLflow record when it has one.
+
+`eval.json` holds only numbers that the same model, data and config reproduce exactly (no
+timings), so `dvc repro --force` twice gives identical metrics on the same machine.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from pipeline.config.schema import Config
+from pipeline.data.prepare import load_meta, open_tokens
+from pipeline.errors import DataError
+from pipeline.evaluation.benchmarks import load_examples, parse_benchmarks, run_benchmark
+from pipeline.evaluation.lm_metrics import evaluate_tokens
+from pipeline.evaluation.model_source import LoadedModel, load_model
+from pipeline.evaluation.output import write_metrics
+from pipeline.evaluation.samples import generate_samples, write_samples
+from pipeline.evaluation.tracking_hook import log_to_tracking, resolve_tracking_uri
+from pipeline.training.components import resolve_device
+from pipeline.training.precision import MixedPrecision
+
+logger = logging.getLogger("pipeline.evaluate")
+
+METRICS_FILE = "eval.json"
+SAMPLES_FILE = "samples.md"
+
+
+def metrics_dir(config: Config) -> Path:
+    """`<run_dir>/metrics`, shared with the trainer's `train.json`."""
+    return Path(config.run_dir) / "metrics"
+
+
+def default_source(config: Config) -> Path:
+    """The model folder the train stage exports: `<run_dir>/model`."""
+    return Path(config.run_dir) / "model"
+
+
+def evaluate_run(config: Config, source: str | Path | LoadedModel | None = None) -> dict[str, float]:
+    """Evaluate a model and write `<run_dir>/metrics/{eval.json,samples.md}`; return the numbers.
+
+    `config` supplies the evaluation settings, the validation data (`data.prepared_dir`),
+    device, precision, output folder and tracking; `source` the model (a model folder,
+    checkpoint, run folder or MLflow URI; default `<run_dir>/model`).
+    """
+    settings = config.evaluation
+    benchmarks = parse_benchmarks(settings.benchmarks, settings.benchmark_dir)
+    examples = {b.prefix: load_examples(b, settings.benchmark_limit) for b in benchmarks}
+    meta = load_meta(config.data.prepared_dir)
+    val = open_tokens(config.data.prepared_dir, "val", meta)
+
+    device = resolve_device(config.training.device)
+    if isinstance(source, LoadedModel):
+        loaded = source
+    else:
+        loaded = load_model(source or default_source(config), device, resolve_tracking_uri(config))
+    model, tokenizer = loaded.model, loaded.tokenizer
+    if (meta.vocab_size, meta.eot_id) != (tokenizer.vocab_size, tokenizer.eot_id):
+        raise DataError(
+            f"{config.data.prepared_dir}: its vocabulary ({meta.vocab_size} tokens, end-of-text "
+            f"{meta.eot_id}) is not the model's ({tokenizer.vocab_size}, {tokenizer.eot_id} in "
+            f"{loaded.source}); evaluate on data prepared with the model's tokenizer"
+        )
+    autocast = MixedPrecision.create(config.training.precision, device).autocast
+    n_ctx = model.config.n_ctx
+    seq_len = min(loaded.config.seq_len, n_ctx)
+
+    started = time.perf_counter()
+    lm = evaluate_tokens(
+        model, val, seq_len, settings.batch_size, meta.splits["val"].text_bytes,
+        settings.max_tokens, autocast,
+    )
+    seconds = time.perf_counter() - started
+    logger.info(
+        "validation: loss %.4f, ppl %.2f, %.4f bits/byte, acc %.4f over %d tokens "
+        "(%.0f tokens/s)", lm.loss, lm.perplexity, lm.bits_per_byte, lm.accuracy, lm.tokens,
+        lm.tokens / max(seconds, 1e-9),
+    )
+    metrics = lm.as_dict("val")
+    for benchmark in benchmarks:
+        started = time.perf_counter()
+        result = run_benchmark(
+            benchmark, model, tokenizer, n_ctx, settings.batch_size, autocast,
+            examples=examples[benchmark.prefix],
+        )
+        logger.info("%s: %s (%.1f s)", benchmark.prefix, result, time.perf_counter() - started)
+        metrics.update(result)
+
+    samples = generate_samples(model, tokenizer, settings, config.seed)
+    out = metrics_dir(config)
+    write_samples(out / SAMPLES_FILE, samples, settings, loaded.source)
+    write_metrics(out / METRICS_FILE, metrics)
+    log_to_tracking(metrics, config, loaded.tracking_run_id)
+    return metrics

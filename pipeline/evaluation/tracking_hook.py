@@ -1,0 +1,66 @@
+"""HOOK for the MLflow integration: send evaluation numbers to the training run's record.
+
+=============================================================================================
+This is the only place evaluation talks to a tracking server. It is deliberately minimal: the
+MLflow integration (tracking URI resolution, retries, queued metrics) lives with the tracking
+code, which may replace the body of `log_to_tracking` with a call into it. Contract:
+- called once per evaluation with the same flat numbers as `metrics/eval.json`;
+- does nothing (returns False) when tracking is disabled or no run id is known, so an
+  evaluation of a model that was never tracked never creates a stray run;
+- never raises: a tracking failure is a warning, the metrics file is the source of truth.
+=============================================================================================
+
+It uses `MlflowClient.log_batch` on the existing run rather than `mlflow.start_run(run_id=...)`:
+the client holds no global "active run" and leaves the run's status (set by training) alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+from pipeline.config.schema import Config
+
+logger = logging.getLogger("pipeline.evaluate")
+
+
+def resolve_tracking_uri(config: Config) -> str:
+    """`MLFLOW_TRACKING_URI` wins; a relative sqlite store is anchored at `DVC_ROOT` when set.
+
+    Under `dvc exp run --temp` the working directory is a throwaway copy of the repository,
+    so a relative `sqlite:///mlflow.db` must point into the real root (see DESIGN.md).
+    """
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or config.tracking.uri
+    prefix = "sqlite:///"
+    root = os.environ.get("DVC_ROOT")
+    if root and uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        uri = prefix + str(Path(root).resolve() / uri[len(prefix) :])
+    return uri
+
+
+def log_to_tracking(
+    metrics: Mapping[str, float], config: Config, run_id: str | None, step: int = 0
+) -> bool:
+    """Log `metrics` to MLflow run `run_id`; True when they were sent."""
+    if not config.tracking.enabled or not run_id:
+        return False
+    try:
+        from mlflow.entities import Metric
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=resolve_tracking_uri(config))
+        now = int(time.time() * 1000)
+        batch = [
+            Metric(key=name, value=float(value), timestamp=now, step=step)
+            for name, value in metrics.items()
+            if math.isfinite(value)
+        ]
+        client.log_batch(run_id, metrics=batch)
+    except Exception as exc:  # any tracking failure: warn, never fail the evaluation
+        logger.warning("could not log evaluation metrics to MLflow run %s: %s", run_id, exc)
+        return False
+    return True

@@ -1,0 +1,298 @@
+"""The single-process training loop: data -> model -> loss -> optimizer, with checkpoints.
+
+Everything that makes a step reproducible lives in `state_dict()`: weights, optimizer, loss
+scaler, counters, data cursor and RNG states. A run of 2N steps and a run of N steps resumed for N
+more therefore see the same batches, draw the same random numbers and end with the same weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.checkpoint import CheckpointManager
+from pipeline.config.schema import Config
+from pipeline.errors import CheckpointError, UserError
+from pipeline.rng import capture_rng_state, restore_rng_state
+from pipeline.training.batching import global_batch_sequences, plan_batch, ramped_sequences
+from pipeline.training.components import TrainingComponents, build_components
+from pipeline.training.progress import ProgressReporter
+from pipeline.training.sampler import evaluation_windows
+
+logger = logging.getLogger("pipeline.train")
+
+CHECKPOINT_FORMAT = 1
+
+
+@dataclass
+class Progress:
+    """The loop's own counters; saved in every checkpoint."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    skipped_steps: int = 0
+    """Steps whose update was dropped: fp16 overflow or non-finite gradients."""
+    nonfinite_steps: int = 0
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or preempted) run reports back to its caller."""
+
+    progress: Progress
+    preempted: bool
+    losses: dict[int, float] = field(default_factory=dict)
+    """Train loss of each logged step (every step when log_interval is 1)."""
+    val_losses: dict[int, float] = field(default_factory=dict)
+    final_checkpoint: Path | None = None
+
+
+class StopRequested:
+    """SIGTERM/SIGINT set a flag; the loop finishes its step, checkpoints and exits."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopRequested:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.signal = signum
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def __bool__(self) -> bool:
+        return self.signal is not None
+
+
+class Trainer:
+    """Trains one configured model on one device; resumable from its own checkpoints."""
+
+    def __init__(self, config: Config, components: TrainingComponents | None = None) -> None:
+        self.config = config
+        self.parts = components or build_components(config)
+        self.progress = Progress()
+        self.run_dir = Path(config.run_dir)
+        self.checkpoints = CheckpointManager(
+            self.run_dir / "checkpoints", keep=config.training.keep_checkpoints
+        )
+        self.tracking_run_id: str | None = None
+        seq = config.seq_len
+        self.full_batch = global_batch_sequences(config.training, seq)
+        self.world_size = 1
+        self.rank = 0
+        plan_batch(self.full_batch, config.training.micro_batch_size, self.world_size, seq)
+
+    # ----------------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        parts = self.parts
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "model": parts.model.state_dict(),
+            "optimizer": parts.optimizer.state_dict(),
+            "scaler": parts.precision.state_dict(),
+            "sampler": parts.sampler.state_dict(),
+            "progress": vars(self.progress).copy(),
+            "rng": capture_rng_state(),
+            "config": self.config.model_dump(mode="json"),
+            "data": {"vocab_size": parts.vocab_size, "tokenizer": parts.tokenizer_id},
+            "tracking": {"run_id": self.tracking_run_id},
+        }
+
+    def load_state_dict(self, state: dict[str, Any], source: Path) -> None:
+        """Restore a checkpoint after checking it fits this run's model and tokenizer."""
+        check_compatible(state, self.config, self.parts.vocab_size, self.parts.tokenizer_id, source)
+        parts = self.parts
+        parts.model.load_state_dict(state["model"])
+        parts.optimizer.load_state_dict(state["optimizer"])
+        parts.precision.load_state_dict(state["scaler"])
+        try:
+            parts.sampler.load_state_dict(state["sampler"])
+        except ValueError as exc:
+            raise CheckpointError(f"{source}: {exc}") from None
+        self.progress = Progress(**state["progress"])
+        self.tracking_run_id = state.get("tracking", {}).get("run_id")
+        restore_rng_state(state["rng"])
+
+    def resume(self, which: str | Path) -> Path:
+        state, path = self.checkpoints.load(which)
+        self.load_state_dict(state, path)
+        logger.info("resumed from %s at step %d", path, self.progress.step)
+        return path
+
+    # ------------------------------------------------------------------------------ loop
+    def _finished(self) -> bool:
+        t = self.config.training
+        if t.max_steps is not None and self.progress.step >= t.max_steps:
+            return True
+        return t.max_tokens is not None and self.progress.tokens_seen >= t.max_tokens
+
+    def _lr(self) -> float:
+        return self.parts.schedule(self.progress.tokens_seen)
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step over the global batch; returns the step's metrics."""
+        parts, t = self.parts, self.config.training
+        quantum = t.micro_batch_size * self.world_size
+        sequences = ramped_sequences(
+            t, self.full_batch, self.progress.tokens_seen, quantum, self.config.seq_len
+        )
+        plan = plan_batch(sequences, t.micro_batch_size, self.world_size, self.config.seq_len)
+        lr = self._lr()
+        for group in parts.optimizer.param_groups:
+            group["lr"] = lr
+
+        ids = parts.sampler.global_batch(plan.global_sequences)
+        mine = ids[self.rank * plan.sequences_per_rank : (self.rank + 1) * plan.sequences_per_rank]
+        loss_sum = torch.zeros((), device=parts.device)
+        parts.model.train()
+        for micro in range(plan.accumulation_steps):
+            chunk = mine[micro * plan.micro_batch_size : (micro + 1) * plan.micro_batch_size]
+            inputs, targets = parts.to_device(*parts.sampler.gather(chunk))
+            with parts.precision.autocast():
+                _, loss = parts.forward(inputs, targets)
+            loss = loss / plan.accumulation_steps
+            parts.precision.scale(loss).backward()
+            loss_sum += loss.detach()
+
+        grad_norm = self._clip_and_step()
+        self.progress.step += 1
+        self.progress.tokens_seen += plan.global_tokens
+        return {
+            "train/loss": float(loss_sum),
+            "train/lr": lr,
+            "train/grad_norm": grad_norm,
+            "train/loss_scale": parts.precision.loss_scale(),
+            "train/tokens_seen": float(self.progress.tokens_seen),
+            "train/batch_sequences": float(plan.global_sequences),
+        }
+
+    def _clip_and_step(self) -> float:
+        parts, t = self.parts, self.config.training
+        scaler = parts.precision.scaler
+        if scaler is not None:
+            scaler.unscale_(parts.optimizer)
+        params = [p for g in parts.optimizer.param_groups for p in g["params"]]
+        max_norm = t.grad_clip if t.grad_clip is not None else math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        if scaler is not None:
+            scale_before = scaler.get_scale()
+            scaler.step(parts.optimizer)
+            scaler.update()
+            if scaler.get_scale() < scale_before:
+                self.progress.skipped_steps += 1
+                logger.warning(
+                    "step %d: fp16 gradient overflow, update skipped, loss scale %g -> %g",
+                    self.progress.step,
+                    scale_before,
+                    scaler.get_scale(),
+                )
+        elif math.isfinite(grad_norm):
+            parts.optimizer.step()
+        else:
+            self._handle_nonfinite(grad_norm)
+        parts.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    def _handle_nonfinite(self, grad_norm: float) -> None:
+        t = self.config.training
+        self.progress.nonfinite_steps += 1
+        self.progress.skipped_steps += 1
+        where = f"step {self.progress.step}: non-finite gradient norm ({grad_norm})"
+        if t.nonfinite_policy == "abort":
+            raise UserError(f"{where}; training.nonfinite_policy is abort")
+        if self.progress.nonfinite_steps > t.max_nonfinite_steps:
+            raise UserError(
+                f"{where}; {self.progress.nonfinite_steps} non-finite steps exceed "
+                f"training.max_nonfinite_steps ({t.max_nonfinite_steps})"
+            )
+        logger.warning("%s; update skipped (%d so far)", where, self.progress.nonfinite_steps)
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean validation loss over fixed windows (no RNG is consumed)."""
+        parts, t = self.parts, self.config.training
+        windows = evaluation_windows(
+            parts.val_sampler.num_windows, t.eval_iters * t.micro_batch_size
+        )
+        parts.model.eval()
+        total, count = 0.0, 0
+        for start in range(0, len(windows), t.micro_batch_size):
+            chunk = windows[start : start + t.micro_batch_size]
+            inputs, targets = parts.to_device(*parts.val_sampler.gather(chunk))
+            with parts.precision.autocast():
+                _, loss = parts.forward(inputs, targets)
+            total += float(loss) * len(chunk)
+            count += len(chunk)
+        parts.model.train()
+        return total / count
+
+    def save_checkpoint(self) -> Path:
+        return self.checkpoints.save(self.state_dict(), self.progress.step)
+
+    def fit(self, tracker: Any, reporter: ProgressReporter | None = None) -> TrainResult:
+        """Train until max_steps/max_tokens or a stop signal; checkpoint on the way out."""
+        t = self.config.training
+        reporter = reporter or ProgressReporter(self.config, self.parts, self.progress.step)
+        result = TrainResult(progress=self.progress, preempted=False)
+        with StopRequested() as stop:
+            while not self._finished():
+                started = time.perf_counter()
+                metrics = self.train_step()
+                step = self.progress.step
+                metrics.update(reporter.throughput(metrics, time.perf_counter() - started))
+                if step % t.log_interval == 0 or step == 1:
+                    result.losses[step] = metrics["train/loss"]
+                    tracker.log_metrics(metrics, step)
+                reporter.update(step, metrics)
+                if step % t.eval_interval == 0 or self._finished():
+                    val = self.evaluate()
+                    result.val_losses[step] = val
+                    tracker.log_metrics({"val/loss": val}, step)
+                    logger.info("step %d: val loss %.4f", step, val)
+                if step % t.checkpoint_interval == 0 or self._finished() or stop:
+                    result.final_checkpoint = self.save_checkpoint()
+                if stop:
+                    logger.warning(
+                        "signal %d received: checkpoint saved at step %d, exiting",
+                        stop.signal,
+                        step,
+                    )
+                    result.preempted = True
+                    break
+        reporter.close()
+        result.progress = self.progress
+        return result
+
+
+def check_compatible(
+    state: dict[str, Any], config: Config, vocab_size: int, tokenizer_id: str, source: Path
+) -> None:
+    """A checkpoint must match the model's shape and the tokenizer; the error names the mismatch."""
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{source}: not a training checkpoint of format {CHECKPOINT_FORMAT}")
+    saved_model = state["config"]["model"]
+    mismatches = [
+        f"model.{key}: checkpoint {saved_model.get(key)} != config {getattr(config.model, key)}"
+        for key in ("n_layer", "d_model", "n_head", "d_head", "d_ff", "n_ctx")
+        if saved_model.get(key) != getattr(config.model, key)
+    ]
+    data = state.get("data", {})
+    if data.get("vocab_size") != vocab_size:
+        mismatches.append(f"vocab_size: checkpoint {data.get('vocab_size')} != data {vocab_size}")
+    if data.get("tokenizer") != tokenizer_id:
+        mismatches.append(f"tokenizer: checkpoint {data.get('tokenizer')} != data {tokenizer_id}")
+    if mismatches:
+        raise CheckpointError(f"{source} does not match this run: " + "; ".join(mismatches))
