@@ -26,7 +26,7 @@ CONFIG = "config.yaml"
 
 
 def save_model_dir(model: GPT, config: Config, vocab_size: int, out_dir: Path) -> Path:
-    """Write weights, resolved config and the prepared data's tokenizer + meta; swap in atomically."""
+    """Write weights, resolved config, the data's tokenizer and meta; swap into place atomically."""
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
