@@ -504,6 +504,9 @@ def test_missing_keys_and_sections(role: str, data: st.DataObject) -> None:
     for layer in participating(files):
         training.update(layer.get("training") or {})
         model.update(layer.get("model") or {})
+    if not any(layer.get("training") is not None for layer in participating(files)):
+        # No layer mentions training at all: the built-in section (100 steps of 8) applies.
+        training = {"max_steps": 100, "global_batch_size": 8}
     has_end = training.get("max_steps") is not None or training.get("max_tokens") is not None
     batch_keys = ("global_batch_tokens", "global_batch_size")
     has_batch = any(training.get(key) is not None for key in batch_keys)

@@ -16,6 +16,9 @@ from pipeline.errors import USER_ERROR_EXIT_CODE, UserError
 SUBCOMMANDS = {
     "prepare": "pipeline.cli.prepare:prepare",
     "train": "pipeline.cli.train:train",
+    "evaluate": "pipeline.cli.evaluate:evaluate",
+    "generate": "pipeline.cli.generate:generate",
+    "export": "pipeline.cli.export:export",
 }
 """Subcommand name -> "module:attribute" of its click command, imported on first use."""
 

@@ -31,6 +31,7 @@ from pipeline.data.tokenizer import Tokenizer, load_tokenizer
 from pipeline.errors import CheckpointError, ConfigError, UserError
 from pipeline.model import GPT
 from pipeline.model_artifact import CONFIG, WEIGHTS, load_model_dir
+from pipeline.training.components import resolve_device
 
 MLFLOW_SCHEMES = ("models:/", "runs:/")
 """Source prefixes handed to MLflow for download."""
@@ -76,9 +77,11 @@ def load_model(
 ) -> LoadedModel:
     """Open `source` (see the module docstring) on `device`, in eval mode.
 
+    `device` is a name as in `training.device` (`auto` included) or a torch device.
     `tracking_uri` is only used for MLflow URIs; `download_dir` is where their artifacts go
     (default: a fresh temporary folder, kept so the tokenizer files stay readable).
     """
+    device = resolve_device(device) if isinstance(device, str) else device
     if is_mlflow_uri(source):
         folder = _download_mlflow(str(source), tracking_uri, download_dir)
         loaded = _from_model_dir(folder, device)
@@ -128,7 +131,9 @@ def _from_checkpoint(state: dict, file: Path, device: str | torch.device) -> Loa
         model.load_state_dict(weights)
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0]
-        raise CheckpointError(f"{file}: weights do not fit the model it describes: {first}") from None
+        raise CheckpointError(
+            f"{file}: weights do not fit the model it describes: {first}"
+        ) from None
     try:
         tokenizer = load_tokenizer(config.data.prepared_dir)
     except UserError as exc:

@@ -24,7 +24,6 @@ from pipeline.evaluation.model_source import LoadedModel, load_model
 from pipeline.evaluation.output import write_metrics
 from pipeline.evaluation.samples import generate_samples, write_samples
 from pipeline.evaluation.tracking_hook import log_to_tracking, resolve_tracking_uri
-from pipeline.training.components import resolve_device
 from pipeline.training.precision import MixedPrecision
 
 logger = logging.getLogger("pipeline.evaluate")
@@ -43,7 +42,9 @@ def default_source(config: Config) -> Path:
     return Path(config.run_dir) / "model"
 
 
-def evaluate_run(config: Config, source: str | Path | LoadedModel | None = None) -> dict[str, float]:
+def evaluate_run(
+    config: Config, source: str | Path | LoadedModel | None = None
+) -> dict[str, float]:
     """Evaluate a model and write `<run_dir>/metrics/{eval.json,samples.md}`; return the numbers.
 
     `config` supplies the evaluation settings, the validation data (`data.prepared_dir`),
@@ -56,12 +57,13 @@ def evaluate_run(config: Config, source: str | Path | LoadedModel | None = None)
     meta = load_meta(config.data.prepared_dir)
     val = open_tokens(config.data.prepared_dir, "val", meta)
 
-    device = resolve_device(config.training.device)
     if isinstance(source, LoadedModel):
         loaded = source
     else:
-        loaded = load_model(source or default_source(config), device, resolve_tracking_uri(config))
+        where = source or default_source(config)
+        loaded = load_model(where, config.training.device, resolve_tracking_uri(config))
     model, tokenizer = loaded.model, loaded.tokenizer
+    device = next(model.parameters()).device
     if (meta.vocab_size, meta.eot_id) != (tokenizer.vocab_size, tokenizer.eot_id):
         raise DataError(
             f"{config.data.prepared_dir}: its vocabulary ({meta.vocab_size} tokens, end-of-text "

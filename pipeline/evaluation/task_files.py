@@ -84,7 +84,8 @@ def read_records(path: str | Path, limit: int | None = None) -> Iterator[Record]
             try:
                 value = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise DataError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+                problem = f"{exc.msg} at column {exc.colno}"
+                raise DataError(f"{where}: not valid JSON ({problem})") from None
             if not isinstance(value, dict):
                 raise DataError(f"{where}: expected a JSON object, got {type(value).__name__}")
             count += 1

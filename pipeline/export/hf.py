@@ -28,7 +28,9 @@ from pipeline.evaluation.model_source import LoadedModel
 from pipeline.export.hf_tokenizer import write_hf_tokenizer
 from pipeline.model import GPT
 
-CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+CONV1D_SUFFIXES = (
+    "attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight"
+)
 """Weights that GPT-2 keeps in `Conv1D` layout, i.e. transposed relative to `nn.Linear`."""
 
 LAYER_NORM_EPS = 1e-5

@@ -73,7 +73,9 @@ def tiktoken_to_vocab_merges(
     """GPT-2 style `vocab.json` contents and merges (in priority order) from tiktoken ranks."""
     missing = [b for b in range(256) if bytes([b]) not in ranks]
     if missing:
-        raise DataError(f"the tiktoken ranks lack {len(missing)} single bytes; not a byte-level BPE")
+        raise DataError(
+            f"the tiktoken ranks lack {len(missing)} single bytes; not a byte-level BPE"
+        )
     vocab = {_as_text(token): rank for token, rank in ranks.items()}
     merges = []
     for token, _ in sorted(ranks.items(), key=lambda item: item[1]):

@@ -1,0 +1,99 @@
+"""`gpt3 evaluate` / `stages/evaluate.py`: the usage guide's evaluation command line.
+
+    python3 stages/evaluate.py --model_checkpoint experiments/tiny/model \
+        --config configs/model_configs/tiny.yaml --benchmark lambada:data/lambada.jsonl
+
+With no flags it evaluates what `params.yaml` describes (this is how DVC runs it): the model
+`experiments/<name>/model`, the validation split of `data.prepared_dir`, the benchmarks in
+`evaluation.benchmarks`. Without a params file, the run's own saved config is used.
+Outputs: `<run_dir>/metrics/eval.json` (a DVC metric) and `<run_dir>/metrics/samples.md`.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import click
+
+from pipeline.config.loader import load_config
+from pipeline.config.schema import Config
+from pipeline.errors import ConfigError
+
+
+def with_overrides(config: Config, overrides: dict[str, Any]) -> Config:
+    """`config` with dotted-key overrides applied, validated again."""
+    values = config.model_dump(mode="json")
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        section, _, field = key.partition(".")
+        values[section][field] = value
+    try:
+        return Config.model_validate(values)
+    except ValueError as exc:
+        raise ConfigError(f"invalid evaluation settings: {exc}") from None
+
+
+def format_metrics(metrics: dict[str, float]) -> str:
+    """One `name  value` line per metric, aligned, for the terminal."""
+    width = max(map(len, metrics), default=0)
+    lines = []
+    for name, value in metrics.items():
+        if not math.isfinite(value):
+            shown = str(value)
+        elif value == int(value) and abs(value) >= 1:
+            shown = f"{value:.0f}"
+        else:
+            shown = f"{value:.4f}"
+        lines.append(f"{name:<{width}}  {shown}")
+    return "\n".join(lines)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--params", "params_file", type=click.Path(dir_okay=False),
+              help="params.yaml with the evaluation settings (default: ./params.yaml if present).")
+@click.option("--model_checkpoint", "source",
+              help="A model folder, checkpoint (.pt), run folder, or MLflow URI "
+                   "(default: experiments/<name>/model from params).")
+@click.option("--config", "model_config", type=click.Path(dir_okay=False),
+              help="Model config the checkpoint must match (the checkpoint carries its own).")
+@click.option("--benchmark", "benchmarks", multiple=True, metavar="NAME[:PATH]",
+              help="Zero-shot task: lambada, hellaswag or multiple_choice, with a local JSONL "
+                   "file (default <evaluation.benchmark_dir>/NAME.jsonl). Repeatable; replaces "
+                   "evaluation.benchmarks.")
+@click.option("--max_tokens", type=click.IntRange(min=1),
+              help="Validation tokens to score (default: evaluation.max_tokens, else all).")
+@click.option("--benchmark_limit", type=click.IntRange(min=1),
+              help="Score only the first N examples of each benchmark.")
+@click.option("--device", help="cpu, cuda, cuda:N or auto (default: training.device).")
+def evaluate(params_file: str | None, source: str | None, model_config: str | None,
+             benchmarks: tuple[str, ...], max_tokens: int | None, benchmark_limit: int | None,
+             device: str | None) -> int:
+    """Evaluate a trained model: validation metrics, zero-shot tasks and samples."""
+    from pipeline.evaluation.model_source import check_model_config, load_model
+    from pipeline.evaluation.run import METRICS_FILE, default_source, evaluate_run, metrics_dir
+    from pipeline.evaluation.tracking_hook import resolve_tracking_uri
+
+    if params_file is None and Path("params.yaml").is_file():
+        params_file = "params.yaml"
+    overrides: dict[str, Any] = {
+        "evaluation.max_tokens": max_tokens,
+        "evaluation.benchmark_limit": benchmark_limit,
+        "evaluation.benchmarks": list(benchmarks) or None,
+        "training.device": device,
+    }
+    base = load_config(params_file=params_file) if params_file else None
+    where = source or (default_source(base) if base else None)
+    if where is None:
+        raise ConfigError("no params.yaml here: pass --model_checkpoint (or --params)")
+    target = base or Config()
+    loaded = load_model(where, device or target.training.device, resolve_tracking_uri(target))
+    if model_config:
+        check_model_config(loaded, model_config)
+    config = with_overrides(base or loaded.config, overrides)
+    metrics = evaluate_run(config, loaded)
+    click.echo(format_metrics(metrics))
+    click.echo(f"wrote {metrics_dir(config) / METRICS_FILE}", err=True)
+    return 0

@@ -1,0 +1,35 @@
+"""`gpt3 export`: write a trained model in another ecosystem's format.
+
+    gpt3 export --format hf --model_checkpoint experiments/tiny/model --output exports/tiny-hf
+
+`--format hf` writes a folder that `transformers.GPT2LMHeadModel.from_pretrained` and
+`AutoTokenizer.from_pretrained` load (config.json, model.safetensors, tokenizer files).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--format", "fmt", default="hf", show_default=True,
+              help="Export format (known: hf).")
+@click.option("--model_checkpoint", "source", required=True,
+              help="Model folder, checkpoint (.pt), run folder, or MLflow URI.")
+@click.option("--output", required=True, type=click.Path(file_okay=False),
+              help="Folder to write (must be empty or absent unless --force).")
+@click.option("--force", is_flag=True, help="Replace a non-empty --output folder.")
+def export(fmt: str, source: str, output: str, force: bool) -> int:
+    """Export a trained model (e.g. to a Hugging Face transformers folder)."""
+    from pipeline.config.schema import Config
+    from pipeline.evaluation.model_source import load_model
+    from pipeline.evaluation.tracking_hook import resolve_tracking_uri
+    from pipeline.export import exporter_for
+
+    exporter = exporter_for(fmt)  # an unknown format fails before the model is loaded
+    loaded = load_model(source, "cpu", resolve_tracking_uri(Config()))
+    written = exporter(loaded, Path(output), force)
+    click.echo(f"exported {loaded.source} as {fmt} to {written}")
+    return 0
