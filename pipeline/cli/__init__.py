@@ -16,6 +16,7 @@ from pipeline.errors import USER_ERROR_EXIT_CODE, UserError
 SUBCOMMANDS = {
     "prepare": "pipeline.cli.prepare:prepare",
     "train": "pipeline.cli.train:train",
+    "plots": "pipeline.cli.plots:plots",
     "evaluate": "pipeline.cli.evaluate:evaluate",
     "generate": "pipeline.cli.generate:generate",
     "export": "pipeline.cli.export:export",
