@@ -255,6 +255,12 @@ class TrackingConfig(Section):
     system_metrics: bool = False
     queue_size: int = Field(default=10_000, ge=1)
     """Metric batches kept while the server is unreachable; older ones are dropped and reported."""
+    request_timeout_s: float = Field(default=10.0, gt=0.0)
+    """One MLflow HTTP request's timeout (MLFLOW_HTTP_REQUEST_TIMEOUT unless set). Requests are
+    sent from a background thread, so this bounds how fast an outage is noticed, not a step."""
+    flush_timeout_s: float = Field(default=120.0, ge=0.0)
+    """At the end of a run, how long to keep retrying an unreachable server before reporting
+    what was not sent."""
 
 
 class RegistryConfig(Section):
