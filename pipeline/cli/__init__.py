@@ -20,6 +20,8 @@ SUBCOMMANDS = {
     "evaluate": "pipeline.cli.evaluate:evaluate",
     "generate": "pipeline.cli.generate:generate",
     "export": "pipeline.cli.export:export",
+    "promote": "pipeline.cli.promote:promote",
+    "plan": "pipeline.cli.plan:plan",
 }
 """Subcommand name -> "module:attribute" of its click command, imported on first use."""
 

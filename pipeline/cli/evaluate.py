@@ -11,6 +11,7 @@ Outputs: `<run_dir>/metrics/eval.json` (a DVC metric) and `<run_dir>/metrics/sam
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,8 @@ def evaluate(params_file: str | None, source: str | None, model_config: str | No
     from pipeline.evaluation.run import METRICS_FILE, default_source, evaluate_run, metrics_dir
     from pipeline.evaluation.tracking_hook import resolve_tracking_uri
 
+    logging.basicConfig(format="%(message)s", level=logging.WARNING)  # no-op if configured
+    logging.getLogger("pipeline").setLevel(logging.INFO)  # progress lines go to stderr
     if params_file is None and Path("params.yaml").is_file():
         params_file = "params.yaml"
     overrides: dict[str, Any] = {

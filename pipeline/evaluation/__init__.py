@@ -6,6 +6,7 @@
 - `tasks` / `task_files` / `benchmarks`: LAMBADA, HellaSwag and generic multiple choice from
   local JSONL files, chosen by name from a registry.
 - `samples`: generated text from fixed prompts, for people to read.
+- `output`: atomic writes of `eval.json` (flat numbers, a DVC metric) and the samples.
 - `tracking_hook`: the one place evaluation numbers go to MLflow.
 - `run`: `evaluate_run`, the evaluate stage.
 

@@ -2,11 +2,13 @@
 
 Evaluation, generation and the Hugging Face export all start from a `LoadedModel`: the plain
 `GPT`, the run's resolved config, its tokenizer, and the tracking run id when the source names
-one (so evaluation can add its numbers to the training run's MLflow record).
+one (so evaluation can add its numbers to the training run's MLflow record): a checkpoint
+keeps it in `state["tracking"]["run_id"]`, a model folder in `tracking.json` (`TRACKING_FILE`,
+written by the MLflow tracker at the end of training).
 
 Accepted sources, tried in this order:
-- `models:/NAME@ALIAS`, `models:/NAME/VERSION` or `runs:/RUN_ID/PATH`: MLflow artifacts are
-  downloaded and the first model folder inside is used (see `MLFLOW_SCHEMES`). The MLflow model
+- `models:/NAME@ALIAS`, `models:/NAME/VERSION` or `runs:/RUN_ID/NAME`: MLflow artifacts are
+  downloaded (see `mlflow_source`) and the first model folder inside is used. The MLflow model
   layout belongs to the tracking integration; all this needs is that the logged artifacts
   contain an exported model folder somewhere (`model.safetensors` beside `config.yaml`).
 - a model folder (`experiments/<name>/model/`): weights, `config.yaml`, tokenizer, meta.json.
@@ -17,7 +19,6 @@ Accepted sources, tried in this order:
 
 from __future__ import annotations
 
-import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,19 +30,11 @@ from pipeline.config.loader import read_yaml_mapping
 from pipeline.config.schema import Config, ModelConfig
 from pipeline.data.tokenizer import Tokenizer, load_tokenizer
 from pipeline.errors import CheckpointError, ConfigError, UserError
+from pipeline.evaluation import mlflow_source
 from pipeline.model import GPT
 from pipeline.model_artifact import CONFIG, WEIGHTS, load_model_dir
+from pipeline.tracking.mlflow_model import read_tracking_file
 from pipeline.training.components import resolve_device
-
-MLFLOW_SCHEMES = ("models:/", "runs:/")
-"""Source prefixes handed to MLflow for download."""
-
-TRACKING_FILE = "tracking.json"
-"""Optional file in a model folder, `{"run_id": "..."}`: the MLflow run that trained it.
-
-The checkpoint keeps its run id in `state["tracking"]["run_id"]`; the model folder has no
-place for it in `config.yaml`, so the tracking integration writes this file beside the weights.
-"""
 
 SHAPE_KEYS = ("n_layer", "d_model", "n_head", "d_head", "d_ff", "n_ctx")
 
@@ -57,12 +50,8 @@ class LoadedModel:
     source: str
     """What the user pointed at, for messages."""
     model_dir: Path | None
-    """The model folder it came from (None for a checkpoint): the export copies from it."""
+    """The model folder it was read from (a download for MLflow URIs; None for a checkpoint)."""
     tracking_run_id: str | None = None
-
-
-def is_mlflow_uri(source: str | Path) -> bool:
-    return isinstance(source, str) and source.startswith(MLFLOW_SCHEMES)
 
 
 def is_model_dir(path: Path) -> bool:
@@ -82,7 +71,7 @@ def load_model(
     (default: a fresh temporary folder, kept so the tokenizer files stay readable).
     """
     device = resolve_device(device) if isinstance(device, str) else device
-    if is_mlflow_uri(source):
+    if mlflow_source.is_mlflow_uri(source):
         folder = _download_mlflow(str(source), tracking_uri, download_dir)
         loaded = _from_model_dir(folder, device)
         loaded.source = str(source)
@@ -104,18 +93,7 @@ def _from_model_dir(folder: Path, device: str | torch.device) -> LoadedModel:
     model, config = load_model_dir(folder, device)
     tokenizer = load_tokenizer(folder)  # the folder holds copies of meta.json and the tokenizer
     _check_vocab(model, tokenizer, folder)
-    return LoadedModel(model, config, tokenizer, str(folder), folder, _read_run_id(folder))
-
-
-def _read_run_id(folder: Path) -> str | None:
-    file = folder / TRACKING_FILE
-    if not file.is_file():
-        return None
-    try:
-        run_id = json.loads(file.read_text()).get("run_id")
-    except (ValueError, AttributeError):
-        raise CheckpointError(f"{file}: expected a JSON object with a run_id") from None
-    return str(run_id) if run_id else None
+    return LoadedModel(model, config, tokenizer, str(folder), folder, read_tracking_file(folder))
 
 
 def _from_checkpoint(state: dict, file: Path, device: str | torch.device) -> LoadedModel:
@@ -156,18 +134,9 @@ def _check_vocab(model: GPT, tokenizer: Tokenizer, where: Path) -> None:
 
 def _download_mlflow(uri: str, tracking_uri: str | None, download_dir: str | Path | None) -> Path:
     """Download an MLflow URI's artifacts and return the first model folder among them."""
-    import mlflow.artifacts  # heavy: only for MLflow sources
-
     destination = Path(download_dir or tempfile.mkdtemp(prefix="gpt3-model-"))
     destination.mkdir(parents=True, exist_ok=True)
-    try:
-        local = Path(
-            mlflow.artifacts.download_artifacts(
-                artifact_uri=uri, dst_path=str(destination), tracking_uri=tracking_uri
-            )
-        )
-    except Exception as exc:  # MLflow raises its own and network exception types
-        raise CheckpointError(f"{uri}: cannot download from MLflow ({exc})") from None
+    local = mlflow_source.download(uri, tracking_uri, destination)
     found = find_model_dir(local)
     if found is None:
         raise CheckpointError(f"{uri}: the downloaded artifacts hold no model folder "

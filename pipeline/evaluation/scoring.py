@@ -76,18 +76,19 @@ def score_requests(
                 ids[b, : len(seq) - 1] = torch.tensor(seq[:-1])
             with autocast():
                 logits, _ = model(ids.to(device))
-            logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
             for b, i in enumerate(chunk):
                 seq, n_cont = rows[i]
                 end = len(seq) - 1
-                scores[i] = _score_row(logprobs[b, end - n_cont : end], seq[-n_cont:])
+                # Only the continuation's positions: the full (B, T, vocab) softmax is large.
+                logprobs = torch.log_softmax(logits[b, end - n_cont : end].float(), dim=-1)
+                scores[i] = _score_row(logprobs, seq[-n_cont:])
     finally:
         model.train(was_training)
     return [s for s in scores if s is not None]
 
 
 def _score_row(logprobs: torch.Tensor, targets: list[int]) -> Score:
-    target = torch.tensor(targets)
+    target = torch.tensor(targets, device=logprobs.device)
     picked = logprobs.gather(-1, target.unsqueeze(-1)).squeeze(-1)
     greedy = bool((logprobs.argmax(dim=-1) == target).all())
     return Score(loglik=float(picked.double().sum()), greedy=greedy, tokens=len(targets))

@@ -18,28 +18,18 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from collections.abc import Mapping
-from pathlib import Path
 
 from pipeline.config.schema import Config
+from pipeline.tracking import mlflow_setup
 
 logger = logging.getLogger("pipeline.evaluate")
 
 
 def resolve_tracking_uri(config: Config) -> str:
-    """`MLFLOW_TRACKING_URI` wins; a relative sqlite store is anchored at `DVC_ROOT` when set.
-
-    Under `dvc exp run --temp` the working directory is a throwaway copy of the repository,
-    so a relative `sqlite:///mlflow.db` must point into the real root (see DESIGN.md).
-    """
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or config.tracking.uri
-    prefix = "sqlite:///"
-    root = os.environ.get("DVC_ROOT")
-    if root and uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        uri = prefix + str(Path(root).resolve() / uri[len(prefix) :])
-    return uri
+    """The tracking store the training run used (see `pipeline.tracking.mlflow_setup`)."""
+    return mlflow_setup.resolve_tracking_uri(config.tracking.uri)
 
 
 def log_to_tracking(
@@ -52,6 +42,7 @@ def log_to_tracking(
         from mlflow.entities import Metric
         from mlflow.tracking import MlflowClient
 
+        mlflow_setup.configure_environment(config.tracking.request_timeout_s)  # no long retries
         client = MlflowClient(tracking_uri=resolve_tracking_uri(config))
         now = int(time.time() * 1000)
         batch = [
