@@ -1,0 +1,167 @@
+"""The product as users meet it: `dvc repro` and `dvc exp run -S` on a fresh copy of this repo.
+
+A real git repo, a real DVC pipeline, a real MLflow SQLite store, real training; only the
+budget is cut (a few dozen steps) so it runs in a few minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from conftest import REPO_ROOT
+
+pytestmark = pytest.mark.slow
+
+RUN = Path("experiments/tiny-shakespeare")
+
+
+def _project_files() -> list[str]:
+    """Tracked and untracked-but-not-ignored files: what a fresh clone would hold."""
+    out = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return [f for f in out.split("\0") if f and (REPO_ROOT / f).is_file()]
+
+
+def _run(args: list[str], cwd: Path, env: dict[str, str]) -> str:
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, f"{' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    """A copy of the repo as a fresh git + DVC repo, with a budget cut to seconds."""
+    root = tmp_path_factory.mktemp("project")
+    for name in _project_files():
+        target = root / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO_ROOT / name, target)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["training"].update(max_steps=24)
+    params["evaluation"].update(max_tokens=8192, sample_max_tokens=16)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_TRACKING", "DVC_"))}
+    env.update(
+        PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        MLFLOW_DISABLE_TELEMETRY="true",
+        DVC_NO_ANALYTICS="1",
+        GIT_AUTHOR_NAME="t",
+        GIT_AUTHOR_EMAIL="t@t",
+        GIT_COMMITTER_NAME="t",
+        GIT_COMMITTER_EMAIL="t@t",
+    )
+    _run(["git", "init", "-q"], root, env)
+    _run(["dvc", "init", "-q"], root, env)
+    _run(["dvc", "config", "core.analytics", "false"], root, env)
+    _run(["git", "add", "-A"], root, env)
+    _run(["git", "commit", "-qm", "fresh clone"], root, env)
+    return root, env
+
+
+def _mlflow_client(root: Path):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+
+
+def _unigram_entropy_nats(prepared: Path) -> float:
+    meta = json.loads((prepared / "meta.json").read_text())
+    tokens = np.fromfile(prepared / "train.bin", dtype=meta["dtype"])
+    counts = np.bincount(tokens, minlength=meta["vocab_size"]).astype(np.float64)
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+def test_repro_then_experiment_then_noop(project: tuple[Path, dict[str, str]]) -> None:
+    root, env = project
+    _run(["dvc", "repro"], root, env)
+    for path in (
+        "data/prepared/train.bin",
+        "data/prepared/meta.json",
+        RUN / "model/model.safetensors",
+        RUN / "checkpoints/latest_checkpoint.pt",
+        RUN / "metrics/eval.json",
+        RUN / "metrics/samples.md",
+        RUN / "plots/train_loss.csv",
+    ):
+        assert (root / path).is_file(), path
+    evaluation = json.loads((root / RUN / "metrics/eval.json").read_text())
+    assert evaluation["val_loss"] < _unigram_entropy_nats(root / "data/prepared"), (
+        "24 steps should already beat the unigram distribution"
+    )
+    client = _mlflow_client(root)
+    champion = client.get_model_version_by_alias("gpt3-tiny", "champion")
+    _run(["git", "add", "-A"], root, env)
+    _run(["git", "commit", "-qm", "baseline"], root, env)
+
+    _run(["dvc", "exp", "run", "-S", "training.lr=3e-4", "-n", "low-lr"], root, env)
+    proc = subprocess.run(
+        ["dvc", "exp", "show", "--json"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    table = json.loads(proc.stdout)
+    names_with_eval = []
+    for entry in table:
+        for exp in [entry, *[e for group in entry.get("experiments") or [] for e in group["revs"]]]:
+            data = exp.get("data") or {}
+            metrics = data.get("metrics") or {}
+            if any("val_loss" in (m.get("data") or {}) for m in metrics.values()):
+                names_with_eval.append(exp.get("name") or data.get("rev"))
+    assert "low-lr" in names_with_eval and len(names_with_eval) >= 2, table
+
+    experiment = client.get_experiment_by_name("gpt3-pipeline")
+    runs = client.search_runs([experiment.experiment_id])
+    assert "low-lr" in {r.info.run_name for r in runs}
+    assert any(
+        r.data.tags.get("dvc.experiment") == "low-lr" or "low-lr" in r.data.tags.values()
+        for r in runs
+    )
+    # The lower learning rate learns less in 24 steps: the champion must not move.
+    assert client.get_model_version_by_alias("gpt3-tiny", "champion").version == champion.version
+
+    started = time.monotonic()
+    output = _run(["dvc", "repro"], root, env)
+    assert "didn't change" in output or "up to date" in output, output
+    assert time.monotonic() - started < 60
+
+
+def test_forced_repro_is_bit_identical(project: tuple[Path, dict[str, str]]) -> None:
+    root, env = project
+    snapshots = []
+    for _ in range(2):
+        _run(["dvc", "repro", "--force", "train", "evaluate"], root, env)
+        snapshots.append(
+            (
+                (root / RUN / "metrics/eval.json").read_bytes(),
+                (root / RUN / "model/model.safetensors").read_bytes(),
+                (root / RUN / "resolved_config.yaml").read_text(),
+            )
+        )
+    assert snapshots[0] == snapshots[1]
+    client = _mlflow_client(root)
+    experiment = client.get_experiment_by_name("gpt3-pipeline")
+    runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"])
+    latest, previous = runs[0], runs[1]
+    assert latest.data.params == previous.data.params
+    hashes = {
+        r.data.tags.get("data_hash") or r.data.tags.get("data.hash") for r in (latest, previous)
+    }
+    assert len(hashes) == 1 and None not in hashes
