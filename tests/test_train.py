@@ -132,23 +132,22 @@ def test_resume_with_a_different_shape_is_refused(prepared_dir: Path, tmp_path: 
     assert before == after
 
 
-def test_auto_resume_starts_afresh_when_the_config_changed(
-    prepared_dir: Path, tmp_path: Path
-) -> None:
+def test_auto_resume_continues_only_an_interrupted_run(prepared_dir: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    train(_config(prepared_dir, run_dir, {"training.max_steps": 4}), console=False)
-    again = train(
-        _config(prepared_dir, run_dir, {"training.max_steps": 4, "training.lr": 1e-4}),
-        resume="auto",
-        console=False,
-    )
-    assert sorted(again.losses) == [1, 2, 3, 4], "a changed config must not resume"
-    same = train(
-        _config(prepared_dir, run_dir, {"training.max_steps": 4, "training.lr": 1e-4}),
-        resume="auto",
-        console=False,
-    )
-    assert same.losses == {}, "an unchanged, finished run has nothing left to do"
+    extra = {"training.max_steps": 4}
+    first = train(_config(prepared_dir, run_dir, {"training.max_steps": 2}), console=False)
+    assert sorted(first.losses) == [1, 2]
+    # Same config but a longer run: the checkpoint at step 2 is an interrupted run -> continue.
+    continued = train(_config(prepared_dir, run_dir, extra), resume="auto", console=False)
+    assert sorted(continued.losses) == [3, 4]
+    # A changed config must not resume.
+    changed = {**extra, "training.lr": 1e-4}
+    again = train(_config(prepared_dir, run_dir, changed), resume="auto", console=False)
+    assert sorted(again.losses) == [1, 2, 3, 4]
+    assert (run_dir / "checkpoints.previous" / "latest_checkpoint.pt").is_file()
+    # A finished run of the same config is retrained from scratch, identically.
+    rerun = train(_config(prepared_dir, run_dir, changed), resume="auto", console=False)
+    assert rerun.losses == again.losses
 
 
 def _train_cli(args: list[str], cwd: Path) -> subprocess.Popen:

@@ -7,6 +7,11 @@ With no config flags it trains what `params.yaml` describes (this is how DVC run
 `--config`/`--training_config`/`--model_size` it trains exactly those files and ignores
 params.yaml, unless `--params` names it too. Exit codes: 0 done, 2 bad input, 143 stopped by
 SIGTERM/SIGINT after saving a checkpoint (resume with `--resume_from_checkpoint latest`).
+
+Distributed: under torchrun, `python3 -m torch.distributed.launch` or `deepspeed`, every worker
+runs this same command and reads its rank from the environment (the flags must agree with the
+launcher's world). Run plainly with `--num_nodes` x `--gpus_per_node` > 1 (or params.yaml's
+`distributed` section), it starts this node's workers itself: see `pipeline/distributed/`.
 """
 
 from __future__ import annotations
@@ -72,8 +77,15 @@ def parse_set(values: tuple[str, ...]) -> dict[str, Any]:
     "the latest checkpoint has this exact config).",
 )
 @click.option("--distributed_backend", type=click.Choice(["nccl", "gloo"]))
-@click.option("--num_nodes", type=int)
-@click.option("--gpus_per_node", type=int)
+@click.option("--num_nodes", type=int, help="Nodes in the job (plain launch starts this node's).")
+@click.option(
+    "--gpus_per_node",
+    type=int,
+    help="Processes per node: one per GPU, or CPU processes on a machine without CUDA.",
+)
+@click.option("--node_rank", type=int, help="This node's rank for a plain multi-node launch.")
+@click.option("--master_addr", help="Address of node 0 for a plain multi-node launch.")
+@click.option("--master_port", type=int, help="Rendezvous port for a plain launch.")
 @click.option("--deepspeed_config", type=click.Path(dir_okay=False))
 @click.option(
     "--local_rank",
@@ -107,6 +119,9 @@ def train(
     distributed_backend: str | None,
     num_nodes: int | None,
     gpus_per_node: int | None,
+    node_rank: int | None,
+    master_addr: str | None,
+    master_port: int | None,
     deepspeed_config: str | None,
     local_rank: int | None,
     sets: tuple[str, ...],
@@ -145,16 +160,23 @@ def train(
         model_size=model_size,
         overrides=overrides,
     )
-    world = config.distributed.num_nodes * config.distributed.gpus_per_node
-    if world > 1 or config.distributed.deepspeed_config:
-        raise ConfigError(
-            f"distributed training ({world} processes, deepspeed_config="
-            f"{config.distributed.deepspeed_config}) is not available in this version; "
-            "train on one device"
-        )
-    from pipeline.training.run import train as run_training  # heavy imports after validation
+    from pipeline.distributed.environment import LaunchFlags  # heavy imports after validation
+    from pipeline.distributed.session import plan_launch, training_strategy
 
-    result = run_training(config, resume=resume_from_checkpoint, console=True)
+    launch = plan_launch(
+        config,
+        LaunchFlags(num_nodes, gpus_per_node, node_rank, master_addr, master_port, local_rank),
+        sys.argv,
+    )
+    if launch.relaunch is not None:  # launched plainly with several processes: start them
+        click.echo(f"starting workers: {launch.relaunch.describe()}", err=True)
+        sys.exit(launch.relaunch.run())
+    from pipeline.training.run import train as run_training
+
+    with training_strategy(config, launch) as strategy:
+        result = run_training(
+            config, resume=resume_from_checkpoint, console=True, strategy=strategy
+        )
     if result.preempted:
         click.echo(
             f"stopped at step {result.progress.step}; resume with --resume_from_checkpoint latest",

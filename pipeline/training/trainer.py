@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from pipeline.checkpoint import CheckpointManager
 from pipeline.config.schema import Config
+from pipeline.distributed.strategy import SingleDevice
 from pipeline.errors import CheckpointError, UserError
 from pipeline.rng import capture_rng_state, restore_rng_state
 from pipeline.training.batching import global_batch_sequences, plan_batch, ramped_sequences
@@ -78,31 +78,50 @@ class StopRequested:
 
 
 class Trainer:
-    """Trains one configured model on one device; resumable from its own checkpoints."""
+    """Trains one configured model, on one device or as one rank of a distributed strategy.
 
-    def __init__(self, config: Config, components: TrainingComponents | None = None) -> None:
+    The strategy (single device, DDP, DeepSpeed) wraps the model and owns the parts of a step
+    that differ between them: gradient sync, the optimizer step, checkpoint format. Resumable
+    from its own checkpoints.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        components: TrainingComponents | None = None,
+        strategy: SingleDevice | None = None,
+    ) -> None:
         self.config = config
         self.parts = components or build_components(config)
+        self.strategy = strategy or SingleDevice(config=config)
         self.progress = Progress()
         self.run_dir = Path(config.run_dir)
-        self.checkpoints = CheckpointManager(
-            self.run_dir / "checkpoints", keep=config.training.keep_checkpoints
-        )
         self.tracking_run_id: str | None = None
         seq = config.seq_len
         self.full_batch = global_batch_sequences(config.training, seq)
-        self.world_size = 1
-        self.rank = 0
+        self.world_size = self.strategy.world_size
+        self.rank = self.strategy.rank
         plan_batch(self.full_batch, config.training.micro_batch_size, self.world_size, seq)
+        self.strategy.prepare(self.parts, config)
+        self.checkpoints = self.strategy.checkpoint_store(
+            self.run_dir / "checkpoints", config.training.keep_checkpoints
+        )
 
     # ----------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
         parts = self.parts
         return {
-            "format": CHECKPOINT_FORMAT,
             "model": parts.model.state_dict(),
             "optimizer": parts.optimizer.state_dict(),
             "scaler": parts.precision.state_dict(),
+            **self.loop_state_dict(),
+        }
+
+    def loop_state_dict(self) -> dict[str, Any]:
+        """Everything but weights, optimizer and scaler (DeepSpeed saves those itself)."""
+        parts = self.parts
+        return {
+            "format": CHECKPOINT_FORMAT,
             "sampler": parts.sampler.state_dict(),
             "progress": vars(self.progress).copy(),
             "rng": capture_rng_state(),
@@ -118,6 +137,11 @@ class Trainer:
         parts.model.load_state_dict(state["model"])
         parts.optimizer.load_state_dict(state["optimizer"])
         parts.precision.load_state_dict(state["scaler"])
+        self.load_loop_state(state, source)
+
+    def load_loop_state(self, state: dict[str, Any], source: Path) -> None:
+        """Restore data position, counters, tracking id and this process's RNG state."""
+        parts = self.parts
         try:
             parts.sampler.load_state_dict(state["sampler"])
         except ValueError as exc:
@@ -127,8 +151,7 @@ class Trainer:
         restore_rng_state(state["rng"])
 
     def resume(self, which: str | Path) -> Path:
-        state, path = self.checkpoints.load(which)
-        self.load_state_dict(state, path)
+        path = self.strategy.load(self, which)
         logger.info("resumed from %s at step %d", path, self.progress.step)
         return path
 
@@ -161,13 +184,15 @@ class Trainer:
         for micro in range(plan.accumulation_steps):
             chunk = mine[micro * plan.micro_batch_size : (micro + 1) * plan.micro_batch_size]
             inputs, targets = parts.to_device(*parts.sampler.gather(chunk))
-            with parts.precision.autocast():
-                _, loss = parts.forward(inputs, targets)
-            loss = loss / plan.accumulation_steps
-            parts.precision.scale(loss).backward()
+            with self.strategy.micro_step(last=micro == plan.accumulation_steps - 1):
+                with parts.precision.autocast():
+                    _, loss = parts.forward(inputs, targets)
+                loss = loss / plan.accumulation_steps
+                self.strategy.backward(parts, loss)
             loss_sum += loss.detach()
 
-        grad_norm = self._clip_and_step()
+        loss_sum = self.strategy.mean(loss_sum)  # the global batch's loss, as on one device
+        grad_norm = self.strategy.step(self)
         self.progress.step += 1
         self.progress.tokens_seen += plan.global_tokens
         return {
@@ -240,12 +265,17 @@ class Trainer:
         return total / count
 
     def save_checkpoint(self) -> Path:
-        return self.checkpoints.save(self.state_dict(), self.progress.step)
+        return self.strategy.save(self)
 
     def fit(self, tracker: Any, reporter: ProgressReporter | None = None) -> TrainResult:
         """Train until max_steps/max_tokens or a stop signal; checkpoint on the way out."""
         t = self.config.training
-        reporter = reporter or ProgressReporter(self.config, self.parts, self.progress.step)
+        if reporter is None:
+            reporter = (
+                ProgressReporter(self.config, self.parts, self.progress.step)
+                if self.strategy.is_main
+                else _QuietReporter()
+            )
         result = TrainResult(progress=self.progress, preempted=False)
         with StopRequested() as stop:
             while not self._finished():
@@ -253,6 +283,8 @@ class Trainer:
                 metrics = self.train_step()
                 step = self.progress.step
                 metrics.update(reporter.throughput(metrics, time.perf_counter() - started))
+                if "perf/mfu" in metrics:  # tokens/s is the job's, the peak one device's
+                    metrics["perf/mfu"] /= self.world_size
                 if step % t.log_interval == 0 or step == 1:
                     result.losses[step] = metrics["train/loss"]
                     tracker.log_metrics(metrics, step)
@@ -262,12 +294,14 @@ class Trainer:
                     result.val_losses[step] = val
                     tracker.log_metrics({"val/loss": val}, step)
                     logger.info("step %d: val loss %.4f", step, val)
-                if step % t.checkpoint_interval == 0 or self._finished() or stop:
+                # A signal may reach the ranks at different steps: stop together.
+                stopping = self.strategy.any_rank(bool(stop))
+                if step % t.checkpoint_interval == 0 or self._finished() or stopping:
                     result.final_checkpoint = self.save_checkpoint()
-                if stop:
+                if stopping:
                     logger.warning(
-                        "signal %d received: checkpoint saved at step %d, exiting",
-                        stop.signal,
+                        "signal %s received: checkpoint saved at step %d, exiting",
+                        stop.signal or "(on another rank)",
                         step,
                     )
                     result.preempted = True
@@ -275,6 +309,19 @@ class Trainer:
         reporter.close()
         result.progress = self.progress
         return result
+
+
+class _QuietReporter:
+    """What ranks other than 0 report: nothing (rank 0 alone logs and tracks)."""
+
+    def throughput(self, metrics: dict[str, float], seconds: float) -> dict[str, float]:
+        return {}
+
+    def update(self, step: int, metrics: dict[str, float]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def check_compatible(

@@ -1,0 +1,186 @@
+"""The DeepSpeed strategy: `deepspeed.initialize` around the plain model, ZeRO sharding from
+the JSON, the project's config filling its "auto" values (see `deepspeed_config`).
+
+The engine owns precision (bf16/fp16 casts, dynamic loss scaling), gradient clipping and the
+optimizer step; the trainer still owns the data, the micro-batch loop (marking the last micro-
+batch as the accumulation boundary, so the batch ramp works), the learning rate (set every step
+from the token-based schedule) and the loop state, which travels as DeepSpeed client state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from pipeline.config.schema import Config
+from pipeline.distributed.comm import Collective
+from pipeline.distributed.deepspeed_checkpoint import DeepSpeedCheckpoints, read_client_state
+from pipeline.distributed.deepspeed_config import read_deepspeed_json, resolve_deepspeed_config
+from pipeline.distributed.strategy import SingleDevice, restore_rank_rng, seed_rank
+from pipeline.errors import ConfigError
+from pipeline.model import GPT
+
+if TYPE_CHECKING:
+    from pipeline.training.components import TrainingComponents
+    from pipeline.training.trainer import Trainer
+
+logger = logging.getLogger("pipeline.train")
+
+
+@dataclass
+class EnginePrecision:
+    """The loop's precision hooks when DeepSpeed owns precision: no autocast, no scaling here."""
+
+    engine: Any
+    name: str
+    scaler: None = None
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    def scale(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss
+
+    def loss_scale(self) -> float:
+        return float(getattr(self.engine.optimizer, "loss_scale", 1.0) or 1.0)
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """The loss scaler is part of DeepSpeed's own checkpoint."""
+
+
+class DeepSpeedStrategy(SingleDevice):
+    """ZeRO data parallelism through a DeepSpeed engine."""
+
+    name = "deepspeed"
+
+    def __init__(self, comm: Collective | None = None, config: Config | None = None) -> None:
+        super().__init__(comm, config)
+        self.engine: Any = None
+        self.store: DeepSpeedCheckpoints | None = None
+        self.ds_config: dict[str, Any] = {}
+
+    def prepare(self, parts: TrainingComponents, config: Config) -> None:
+        import deepspeed
+
+        t = config.training
+        if t.compile:
+            raise ConfigError("training.compile is not supported with DeepSpeed here; drop it")
+        path = config.distributed.deepspeed_config
+        assert path is not None, "choose_strategy guarantees a DeepSpeed config"
+        self.ds_config = resolve_deepspeed_config(
+            read_deepspeed_json(path), config, self.world_size, path, parts.device.type == "cuda"
+        )
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # the trainer reports progress
+        seed_rank(config.seed, self.rank)
+        own_optimizer = "optimizer" in self.ds_config
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=parts.model,
+            optimizer=None if own_optimizer else parts.optimizer,
+            model_parameters=parts.model.param_groups(t.weight_decay) if own_optimizer else None,
+            config=self.ds_config,
+        )
+        parts.forward = self.engine
+        parts.optimizer = self.engine.optimizer  # param_groups: where the trainer sets the lr
+        parts.precision = EnginePrecision(self.engine, t.precision)  # type: ignore[assignment]
+        if self.is_main:
+            resolved = Path(config.run_dir) / "deepspeed_config.json"
+            resolved.write_text(json.dumps(self.ds_config, indent=2, sort_keys=True) + "\n")
+
+    def checkpoint_store(self, directory: Path, keep: int) -> DeepSpeedCheckpoints:
+        self.store = DeepSpeedCheckpoints(directory, keep, self.comm)
+        return self.store
+
+    def micro_step(self, last: bool) -> contextlib.AbstractContextManager:
+        """Only the last micro-batch is a boundary: ZeRO reduces and the engine steps there."""
+        self.engine.set_gradient_accumulation_boundary(last)
+        return contextlib.nullcontext()
+
+    def backward(self, parts: TrainingComponents, loss: torch.Tensor) -> None:
+        # The loop already divided by its accumulation steps (which the batch ramp varies).
+        self.engine.backward(loss, scale_wrt_gas=False)
+
+    def step(self, trainer: Trainer) -> float:
+        """Clip and update through the engine; a step it skipped is counted like the loop's."""
+        skipped = self.engine.skipped_steps
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        grad_norm = float(norm) if norm is not None else math.nan
+        if self.engine.skipped_steps > skipped:
+            if trainer.config.training.precision == "fp16":
+                trainer.progress.skipped_steps += 1
+                logger.warning(
+                    "step %d: fp16 gradient overflow, update skipped, loss scale now %g",
+                    trainer.progress.step,
+                    trainer.parts.precision.loss_scale(),
+                )
+            else:
+                trainer._handle_nonfinite(grad_norm)
+        return grad_norm
+
+    def save(self, trainer: Trainer) -> Path:
+        assert self.store is not None
+        state = trainer.loop_state_dict()
+        state["rng_ranks"] = self.comm.all_gather_object(state["rng"])
+        return self.store.save(self.engine, state, trainer.progress.step)
+
+    def load(self, trainer: Trainer, which: str | Path) -> Path:
+        """Rank 0 picks and checks the checkpoint (shape, tokenizer) before any rank loads it."""
+        from pipeline.training.trainer import check_compatible
+
+        store = self.store
+        assert store is not None
+        parts = trainer.parts
+
+        def choose() -> Path:
+            tag_dir = store.resolve(which)
+            state = read_client_state(tag_dir)
+            check_compatible(state, trainer.config, parts.vocab_size, parts.tokenizer_id, tag_dir)
+            return tag_dir
+
+        tag_dir = self.main_only(choose)
+        state = store.restore(self.engine, tag_dir)
+        trainer.load_loop_state(state, tag_dir)
+        restore_rank_rng(state, self.rank, self.world_size)
+        return tag_dir
+
+    def close(self) -> None:
+        """Unhook the engine (hooks, buffers) while its process groups still exist."""
+        if self.engine is not None:
+            self.engine.destroy()
+            self.engine = None
+
+    def export_model(self, parts: TrainingComponents) -> GPT | None:
+        """The fp32 master weights gathered from the ZeRO partitions into a plain model on rank 0.
+
+        Every rank takes part (each gather is a collective); in bf16/fp16 the engine's module
+        holds 16-bit copies, so exporting it directly would lose the master precision.
+        """
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        full: dict[str, torch.Tensor] = {}
+        for name, param in parts.model.named_parameters():
+            value = safe_get_full_fp32_param(param)
+            if value is None:
+                if param.dtype != torch.float32:
+                    raise RuntimeError(f"no fp32 master copy of {name} ({param.dtype})")
+                value = param.detach()  # fp32 without ZeRO: the module holds the masters
+            if self.is_main:
+                full[name] = value.detach().float().cpu()
+        if not self.is_main:
+            return None
+        model = GPT(parts.model.config, parts.vocab_size)
+        missing, unexpected = model.load_state_dict(full, strict=False)
+        if unexpected or set(missing) - {"lm_head.weight"}:
+            raise RuntimeError(f"export mismatch: missing {missing}, unexpected {unexpected}")
+        model.tie_weights()
+        return model

@@ -1,0 +1,1 @@
+"""MLflow model registry: register trained models and promote the best with aliases."""

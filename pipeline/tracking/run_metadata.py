@@ -1,0 +1,107 @@
+"""What an MLflow run says about itself: its name, tags that link it to git and DVC, its params.
+
+The tags make either side lead to the other: from a DVC experiment to its MLflow run
+(`dvc.exp_name`), from an MLflow run to the code (`git.commit`, `git.dirty`) and the data
+(`data.hash`). Params are the flattened resolved config with stable dotted keys, so runs line
+up column by column in the UI's compare view.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from pipeline.config.loader import flatten_config
+from pipeline.config.schema import Config
+
+logger = logging.getLogger("pipeline.tracking")
+
+MAX_PARAM_VALUE = 6000
+"""MLflow's limit on a param value (`mlflow.utils.validation.MAX_PARAM_VAL_LENGTH`)."""
+MAX_TAG_VALUE = 8000
+TRUNCATED = "...[truncated]"
+GIT_TIMEOUT_S = 5.0
+
+
+def run_name(config: Config) -> str:
+    """`DVC_EXP_NAME` under `dvc exp run`, else the run directory's name."""
+    return os.environ.get("DVC_EXP_NAME") or Path(config.run_dir).resolve().name
+
+
+def _git(args: list[str], cwd: Path) -> str | None:
+    try:
+        done = subprocess.run(
+            ["git", *args], cwd=cwd, capture_output=True, text=True, timeout=GIT_TIMEOUT_S
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def git_state(cwd: Path | None = None) -> dict[str, str]:
+    """Commit and dirty flag of the code that runs; empty (logged, not raised) outside a repo.
+
+    The working directory is asked, not `DVC_ROOT`: under `dvc exp run --temp` the code that
+    runs is the throwaway copy, whose state is the experiment's.
+    """
+    where = cwd or Path.cwd()
+    commit = _git(["rev-parse", "HEAD"], where)
+    if not commit:
+        logger.info("no git commit tag: %s is not in a git repository (or git is missing)", where)
+        return {}
+    status = _git(["status", "--porcelain"], where)
+    tags = {"git.commit": commit, "mlflow.source.git.commit": commit}
+    if status is not None:
+        tags["git.dirty"] = "true" if status else "false"
+    return tags
+
+
+def run_tags(
+    config: Config, data_hash: str | None, world_size: int, strategy: str
+) -> dict[str, str]:
+    """The run's tags (see the module docstring)."""
+    tags = {
+        **git_state(),
+        "model.size": config.model.name,
+        "training.precision": config.training.precision,
+        "distributed.world_size": str(world_size),
+        "distributed.strategy": strategy,
+        "run_dir": str(Path(config.run_dir).resolve()),
+    }
+    if data_hash:
+        tags["data.hash"] = data_hash
+    for variable, tag in (
+        ("DVC_EXP_NAME", "dvc.exp_name"),
+        ("DVC_EXP_BASELINE_REV", "dvc.baseline_rev"),
+    ):
+        if os.environ.get(variable):
+            tags[tag] = os.environ[variable]
+    return {key: truncate(value, MAX_TAG_VALUE) for key, value in tags.items()}
+
+
+def truncate(value: str, limit: int) -> str:
+    """`value` cut to `limit` characters, marked so nobody mistakes it for the whole value."""
+    return value if len(value) <= limit else value[: limit - len(TRUNCATED)] + TRUNCATED
+
+
+def param_value(value: Any) -> str:
+    """One param as text: JSON for lists and mappings (stable, readable), str otherwise."""
+    text = json.dumps(value) if isinstance(value, (list, tuple, dict)) else str(value)
+    return truncate(text, MAX_PARAM_VALUE)
+
+
+def run_params(config: Config) -> dict[str, str]:
+    """The flattened resolved config, every value a string within MLflow's length limit."""
+    return {key: param_value(value) for key, value in flatten_config(config).items()}
+
+
+def strategy_name(config: Config, world_size: int) -> str:
+    """The strategy that actually runs: `auto` means single device for one process, else DDP."""
+    chosen = config.distributed.strategy
+    if chosen != "auto":
+        return chosen
+    return "single" if world_size == 1 else "ddp"

@@ -1,0 +1,89 @@
+"""`gpt3 plan`: memory per GPU from the config alone, through DeepSpeed's own ZeRO estimators."""
+
+from __future__ import annotations
+
+import resource
+import time
+
+import pytest
+from click.testing import CliRunner
+from conftest import REPO_ROOT
+
+from pipeline.cli.plan import plan as plan_command
+from pipeline.config.loader import load_config
+from pipeline.distributed.planner import (
+    GIB,
+    SETUPS,
+    activation_bytes,
+    find_setup,
+    make_plan,
+    verdict,
+)
+
+VOCAB = 50257
+
+
+def _model(size: str):
+    return load_config(model_size=size).model
+
+
+@pytest.fixture(autouse=True)
+def _in_repo(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(REPO_ROOT)  # model sizes are looked up in configs/model_configs
+
+
+def _states(size: str, gpus: int, setup_name: str) -> int:
+    result = make_plan(_model(size), VOCAB, gpus, min(gpus, 8), 1, 2048)
+    return next(row.model_states for row in result.rows if row.setup.name == setup_name)
+
+
+def test_zero3_model_states_per_gpu_shrink_with_more_gpus() -> None:
+    per_gpu = [_states("13B", gpus, "ZeRO-3") for gpus in (8, 16, 64, 256)]
+    assert per_gpu == sorted(per_gpu, reverse=True) and len(set(per_gpu)) == 4
+    assert per_gpu[0] / per_gpu[-1] > 10  # 18 B/param spread over 8 vs 256 GPUs
+    ddp = [_states("13B", gpus, "DDP (fp32 weights, autocast)") for gpus in (8, 256)]
+    assert ddp[0] == ddp[1] == 16 * make_plan(_model("13B"), VOCAB, 8, 8, 1, 2048).parameters
+
+
+def test_175b_is_planned_without_building_the_model() -> None:
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    started = time.perf_counter()
+    result = make_plan(_model("175B"), VOCAB, 1024, 8, 1, 2048)
+    assert time.perf_counter() - started < 5
+    grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    assert grown_kib < 200 * 1024, "planning must not allocate the model"
+    assert result.parameters == pytest.approx(175e9, rel=0.01)
+    zero3 = next(row for row in result.rows if row.setup.name == "ZeRO-3")
+    assert zero3.model_states < 8 * GIB  # 18 B/param over 1024 GPUs + the largest layer
+    # Sharded it fits an 80 GiB GPU with checkpointing, but this trainer builds it whole first.
+    assert verdict(zero3, 80 * GIB, None) == "no (build)"
+
+
+def test_gradient_checkpointing_cuts_activations_and_changes_the_verdict() -> None:
+    model = _model("1.3B")
+    full = activation_bytes(model, VOCAB, 8, 2048, checkpointing=False)
+    ckpt = activation_bytes(model, VOCAB, 8, 2048, checkpointing=True)
+    assert ckpt < full / 3
+    result = make_plan(model, VOCAB, 1, 1, 8, 2048)
+    ddp = result.rows[0]
+    memory = (ddp.with_checkpointing + ddp.with_activations) // 2
+    assert verdict(ddp, memory, None) == "ckpt"
+    assert verdict(ddp, ddp.with_activations, None) == "yes"
+    assert verdict(ddp, ddp.with_activations, host_memory=1) == "no (host)"
+    assert find_setup(3, "cpu") in SETUPS and find_setup(None, "none").zero is None
+
+
+def test_gpt3_plan_command_prints_the_table() -> None:
+    runner = CliRunner()
+    args = ["--model_size", "13B", "--gpus", "16", "--zero", "3", "--offload", "cpu"]
+    result = runner.invoke(plan_command, args)
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert "12,853,386,240 parameters" in out and "2 node(s) x 8" in out
+    assert "micro-batch 4 x 2048" in out  # large_scale.yaml's micro-batch
+    chosen = [line for line in out.splitlines() if "<- chosen" in line]
+    assert len(chosen) == 1 and chosen[0].startswith("ZeRO-3 + offload optimizer ")
+    bad = runner.invoke(
+        plan_command, ["--model_size", "13B", "--gpus", "12", "--gpus_per_node", "8"]
+    )
+    assert bad.exit_code != 0 and "not a multiple" in str(bad.exception)
