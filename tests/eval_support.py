@@ -30,8 +30,13 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory, prepared_dir: Path) -> Co
         overrides=tiny_overrides(
             prepared_dir,
             run_dir,
-            {"training.max_steps": 16, "training.lr": 3e-3, "training.decay_tokens": None,
-             "evaluation.sample_prompts": ["ROMEO:", ""], "evaluation.sample_max_tokens": 8},
+            {
+                "training.max_steps": 16,
+                "training.lr": 3e-3,
+                "training.decay_tokens": None,
+                "evaluation.sample_prompts": ["ROMEO:", ""],
+                "evaluation.sample_max_tokens": 8,
+            },
         )
     )
     if not (run_dir / "model" / "model.safetensors").is_file():
@@ -42,7 +47,8 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory, prepared_dir: Path) -> Co
 
 
 MLFLOW_ENV = (
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT",
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR",
 )
 """Variables `log_to_tracking` sets for its process (setdefault); tests keep them local."""

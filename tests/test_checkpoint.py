@@ -100,9 +100,15 @@ with RunLock(Path(sys.argv[1])):
 
 
 def _spawn(script: str, *args: object, stdin: int | None = None) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-c", script, *map(str, args)], cwd=ROOT,
-                            env=CHILD_ENV, stdin=stdin, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", script, *map(str, args)],
+        cwd=ROOT,
+        env=CHILD_ENV,
+        stdin=stdin,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _read_line(proc: subprocess.Popen[str]) -> str:
@@ -116,10 +122,23 @@ def _read_line(proc: subprocess.Popen[str]) -> str:
 
 
 def _state(step: int, size: int = 1000) -> dict:
-    return {"step": step, "weights": torch.arange(size, dtype=torch.float32) + step,
-            "optimizer": {"state": {0: {"exp_avg": torch.zeros(3)}},
-                          "param_groups": [{"lr": 0.1, "betas": (0.9, 0.95), "fused": None,
-                                            "params": [0], "name": "decay", "amsgrad": False}]}}
+    return {
+        "step": step,
+        "weights": torch.arange(size, dtype=torch.float32) + step,
+        "optimizer": {
+            "state": {0: {"exp_avg": torch.zeros(3)}},
+            "param_groups": [
+                {
+                    "lr": 0.1,
+                    "betas": (0.9, 0.95),
+                    "fused": None,
+                    "params": [0],
+                    "name": "decay",
+                    "amsgrad": False,
+                }
+            ],
+        },
+    }
 
 
 def _assert_state(state: dict, step: int, size: int = 1000) -> None:
@@ -170,8 +189,14 @@ def test_retention_keeps_newest_and_latest_loads_plainly(tmp_path: Path) -> None
         manager.save(_state(step), step)
 
     assert [step for step, _ in manager.list_checkpoints()] == [4, 5]
-    assert _names(directory) == {"step_0000004.pt", "step_0000004.pt.sha256", "step_0000005.pt",
-                                 "step_0000005.pt.sha256", LATEST_NAME, LATEST_NAME + ".sha256"}
+    assert _names(directory) == {
+        "step_0000004.pt",
+        "step_0000004.pt.sha256",
+        "step_0000005.pt",
+        "step_0000005.pt.sha256",
+        LATEST_NAME,
+        LATEST_NAME + ".sha256",
+    }
     _assert_state(torch.load(directory / LATEST_NAME, weights_only=True), 5)
     _assert_state(manager.load(4)[0], 4)
 
@@ -194,7 +219,8 @@ def test_non_tensor_state_fails_before_writing(tmp_path: Path) -> None:
     manager = CheckpointManager(directory, keep=3)
     bad_states = {
         r"state\['rng'\]\['numpy'\]\[1\] is a numpy.ndarray": {
-            "rng": {"numpy": np.random.get_state()}},
+            "rng": {"numpy": np.random.get_state()}
+        },
         r"state\['metrics'\]\['loss'\] is a numpy.float64": {"metrics": {"loss": np.float64(1.0)}},
         r"state\['model'\]\[0\] is a builtins.object": {"model": [object()]},
     }
@@ -216,7 +242,8 @@ def test_load_by_step_that_does_not_exist_names_what_exists(tmp_path: Path) -> N
 # ------------------------------------------------------------------- corruption detection
 @pytest.mark.parametrize("damage", [_flip_bytes, _truncate], ids=["flipped", "truncated"])
 def test_corrupt_checkpoint_is_detected_and_latest_falls_back(
-        tmp_path: Path, damage, caplog: pytest.LogCaptureFixture) -> None:
+    tmp_path: Path, damage, caplog: pytest.LogCaptureFixture
+) -> None:
     manager = CheckpointManager(tmp_path, keep=5)
     for step in (1, 2, 3):
         manager.save(_state(step), step)
@@ -237,7 +264,8 @@ def test_corrupt_checkpoint_is_detected_and_latest_falls_back(
 
 
 def test_missing_or_wrong_checksum_files_are_not_trusted(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     manager = CheckpointManager(tmp_path, keep=5)
     for step in (1, 2):
         manager.save(_state(step), step)
@@ -306,11 +334,15 @@ def _interrupted_save(directory: Path, latest_step: int) -> bool:
     """Whether a kill left signs of a save in progress (temp files, half-swapped checksums)."""
     names = _names(directory)
     checksum_files = [name for name in names if name.endswith(".sha256")]
-    return (any(name.endswith(".tmp") for name in names)
-            or any(name.removesuffix(".sha256") not in names for name in checksum_files)
-            or any(len(read_checksums(directory / name.removesuffix(".sha256")) or ()) > 1
-                   for name in checksum_files)
-            or list_step_files(directory)[-1][0] != latest_step)
+    return (
+        any(name.endswith(".tmp") for name in names)
+        or any(name.removesuffix(".sha256") not in names for name in checksum_files)
+        or any(
+            len(read_checksums(directory / name.removesuffix(".sha256")) or ()) > 1
+            for name in checksum_files
+        )
+        or list_step_files(directory)[-1][0] != latest_step
+    )
 
 
 @pytest.mark.timeout(180)
@@ -361,16 +393,26 @@ def test_full_disk_while_saving_keeps_previous_checkpoint(tmp_path: Path) -> Non
 
     assert "disk full while writing" in out
     assert str(directory / "step_0000002.pt") in out
-    assert _names(directory) == {"step_0000001.pt", "step_0000001.pt.sha256", LATEST_NAME,
-                                 LATEST_NAME + ".sha256"}
+    assert _names(directory) == {
+        "step_0000001.pt",
+        "step_0000001.pt.sha256",
+        LATEST_NAME,
+        LATEST_NAME + ".sha256",
+    }
     state, path = CheckpointManager(directory, keep=3).load()
     assert state["step"] == 1 and path == directory / "step_0000001.pt"
 
 
 # ------------------------------------------------------------------------------------ RNG
 def _draws() -> tuple:
-    return (random.random(), random.gauss(0.0, 1.0), np.random.rand(3).tolist(),
-            float(np.random.standard_normal()), torch.rand(3), torch.randn(2))
+    return (
+        random.random(),
+        random.gauss(0.0, 1.0),
+        np.random.rand(3).tolist(),
+        float(np.random.standard_normal()),
+        torch.rand(3),
+        torch.randn(2),
+    )
 
 
 def _assert_same_draws(a: tuple, b: tuple) -> None:

@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 from pipeline.config.loader import load_config
 from pipeline.distributed.deepspeed_config import read_deepspeed_json, resolve_deepspeed_config
 from pipeline.errors import ConfigError
+from pipeline.training.run import train
 
 CONFIGS = REPO_ROOT / "configs"
 ZERO1 = str(CONFIGS / "deepspeed_zero1_cpu.json")
@@ -162,9 +163,14 @@ def test_zero2_bf16_under_the_deepspeed_launcher_resumes_exactly(
 def test_params_yaml_launches_deepspeed_zero1_fp32_and_auto_resumes(
     prepared_dir: Path, tmp_path: Path
 ) -> None:
-    """DVC's one-line command re-launches itself through the deepspeed launcher from params."""
+    """DVC's one-line command re-launches itself through the deepspeed launcher from params.
+
+    4 steps, then params raised to 8: `--resume_from_checkpoint auto` continues the same run
+    (the schedule is fixed by decay_tokens). ZeRO-1 in fp32 matches one process without DeepSpeed.
+    """
+    run_dir = tmp_path / "run"
     params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
-    for dotted, value in tiny_overrides(prepared_dir, tmp_path / "run").items():
+    for dotted, value in tiny_overrides(prepared_dir, run_dir).items():
         section, _, key = dotted.rpartition(".")
         (params.setdefault(section, {}) if section else params)[key] = value
     for key in ("model", "training"):
@@ -175,23 +181,30 @@ def test_params_yaml_launches_deepspeed_zero1_fp32_and_auto_resumes(
         "backend": "gloo",
         "deepspeed_config": ZERO1,
     }
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     command = [sys.executable, str(REPO_ROOT / "stages" / "train.py")]
     command += ["--resume_from_checkpoint", "auto"]
     run = dict(cwd=tmp_path, env=_plain_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                text=True, timeout=600)  # fmt: skip
-    proc = subprocess.run(command, **run)
-    assert proc.returncode == 0, proc.stdout[-5000:]
-    assert "starting workers: deepspeed --num_gpus 2" in proc.stdout
-    run_dir = tmp_path / "run"
-    assert sorted(_curve(run_dir)) == list(range(1, 9))
+    for steps in (4, 8):
+        params["training"]["max_steps"] = steps
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+        proc = subprocess.run(command, **run)
+        assert proc.returncode == 0, proc.stdout[-5000:]
+        assert "starting workers: deepspeed --num_gpus 2" in proc.stdout
+    log = (run_dir / "logs" / "training.log").read_text()
+    assert "step_0000004 at step 4" in log, log[-2000:]
     assert json.loads((run_dir / "deepspeed_config.json").read_text())["zero_optimization"] == {
         "stage": 1
     }
-    again = subprocess.run(command, **run)  # a finished run of this config: nothing to do
-    assert again.returncode == 0, again.stdout[-5000:]
-    log = (run_dir / "logs" / "training.log").read_text()
-    assert "step_0000008 at step 8" in log, log[-2000:]
+    reference = tmp_path / "reference"
+    single = load_config(
+        params_file=tmp_path / "params.yaml", overrides={"output_dir": str(reference)}
+    )
+    train(single, console=False)  # one process, no DeepSpeed (the strategy defaults to single)
+    got, want = _curve(run_dir), _curve(reference)
+    assert sorted(got) == sorted(want) == list(range(1, 9))
+    for step in want:
+        assert float(got[step]) == pytest.approx(float(want[step]), rel=1e-5), step
 
 
 def test_zero_stages_and_precisions_resume_exactly_in_one_launch(
@@ -211,7 +224,6 @@ def _matrix_worker(prepared: Path, out: Path) -> None:
     """Under the launcher: each MATRIX pair trains 8 steps, then 4 + 4 resumed from disk."""
     from pipeline.distributed.environment import process_group, read_environment
     from pipeline.distributed.strategy import build_strategy
-    from pipeline.training.run import train
 
     with process_group(read_environment(), "gloo", cuda=False) as comm:
         for name, (json_path, precision) in MATRIX.items():

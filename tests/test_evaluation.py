@@ -154,18 +154,37 @@ def test_context_is_cut_from_the_left_to_fit_the_model(tokenizer) -> None:
 
 
 BAD_FILES = {
-    "not json": ("multiple_choice", ['{"context": "a", "choices": ["x", "y"], "label": 0}',
-                                      '{"context": "a", "choices": '], 2, "not valid JSON"),
+    "not json": (
+        "multiple_choice",
+        ['{"context": "a", "choices": ["x", "y"], "label": 0}', '{"context": "a", "choices": '],
+        2,
+        "not valid JSON",
+    ),
     "not an object": ("lambada", ['{"text": "a b"}', '["a b"]'], 2, "expected a JSON object"),
-    "missing field": ("hellaswag", ['{"endings": ["a", "b"], "label": 0}'], 1,
-                      "missing field 'ctx'"),
-    "unlabelled test split": ("hellaswag", ['{"ctx": "c", "endings": ["a", "b"], "label": ""}'],
-                              1, "integer or a numeric string"),
-    "label out of range": ("multiple_choice",
-                           ['', '{"context": "c", "choices": ["a", "b"], "label": 2}'], 2,
-                           "outside 0..1"),
-    "choices not a list": ("multiple_choice", ['{"context": "c", "choices": "ab", "label": 0}'],
-                           1, "list of strings"),
+    "missing field": (
+        "hellaswag",
+        ['{"endings": ["a", "b"], "label": 0}'],
+        1,
+        "missing field 'ctx'",
+    ),
+    "unlabelled test split": (
+        "hellaswag",
+        ['{"ctx": "c", "endings": ["a", "b"], "label": ""}'],
+        1,
+        "integer or a numeric string",
+    ),
+    "label out of range": (
+        "multiple_choice",
+        ["", '{"context": "c", "choices": ["a", "b"], "label": 2}'],
+        2,
+        "outside 0..1",
+    ),
+    "choices not a list": (
+        "multiple_choice",
+        ['{"context": "c", "choices": "ab", "label": 0}'],
+        1,
+        "list of strings",
+    ),
     "one word": ("lambada", ['{"text": "word"}'], 1, "last word"),
 }
 

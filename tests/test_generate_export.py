@@ -61,8 +61,18 @@ def _invoke(args: list[str], **kwargs) -> str:
 
 
 def _generate_args(source: str, *extra: str) -> list[str]:
-    return ["generate", "--model_checkpoint", source, "--prompt", "ROMEO:", "--max_length",
-            "24", "--device", "cpu", *extra]
+    return [
+        "generate",
+        "--model_checkpoint",
+        source,
+        "--prompt",
+        "ROMEO:",
+        "--max_length",
+        "24",
+        "--device",
+        "cpu",
+        *extra,
+    ]
 
 
 def test_generate_is_seeded_and_the_cache_changes_nothing(run_config) -> None:
@@ -83,16 +93,41 @@ def test_usage_guide_infer_command_and_its_user_errors(run_config, tmp_path, cap
     matching = tmp_path / "model.yaml"
     matching.write_text(yaml.safe_dump({"model": run_config.model.model_dump(mode="json")}))
     done = subprocess.run(
-        [sys.executable, "stages/infer.py", "--model_checkpoint", checkpoint, "--config",
-         str(matching), "--prompt", "Once upon a time", "--max_length", "10",
-         "--temperature", "0.7", "--top_p", "0.8", "--seed", "1"],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "stages/infer.py",
+            "--model_checkpoint",
+            checkpoint,
+            "--config",
+            str(matching),
+            "--prompt",
+            "Once upon a time",
+            "--max_length",
+            "10",
+            "--temperature",
+            "0.7",
+            "--top_p",
+            "0.8",
+            "--seed",
+            "1",
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("Once upon a time")
 
-    wrong = ["generate", "--model_checkpoint", checkpoint, "--config",
-             str(REPO_ROOT / "configs/model_configs/tiny.yaml"), "--prompt", "x"]
+    wrong = [
+        "generate",
+        "--model_checkpoint",
+        checkpoint,
+        "--config",
+        str(REPO_ROOT / "configs/model_configs/tiny.yaml"),
+        "--prompt",
+        "x",
+    ]
     with pytest.raises(SystemExit) as exit_info:
         run_command(cli, wrong)
     assert exit_info.value.code == 2
@@ -105,16 +140,35 @@ def test_usage_guide_infer_command_and_its_user_errors(run_config, tmp_path, cap
 def test_evaluate_command_with_params_and_without(run_config, tmp_path, monkeypatch) -> None:
     run_dir = Path(run_config.run_dir)
     mc = f"multiple_choice:{FIXTURES / 'multiple_choice.jsonl'}"
-    out = _invoke(["evaluate", "--params", str(run_dir / "resolved_config.yaml"),
-                   "--benchmark", mc, "--max_tokens", "256"])
+    out = _invoke(
+        [
+            "evaluate",
+            "--params",
+            str(run_dir / "resolved_config.yaml"),
+            "--benchmark",
+            mc,
+            "--max_tokens",
+            "256",
+        ]
+    )
     assert "val_bits_per_byte" in out and "multiple_choice_acc" in out
     saved = json.loads((run_dir / "metrics" / "eval.json").read_text())
     assert saved["val_tokens"] == 256 and saved["multiple_choice_examples"] == 4
 
     monkeypatch.chdir(tmp_path)  # no params.yaml: the run's own config is used
-    _invoke(["evaluate", "--model_checkpoint", str(run_dir / "checkpoints"),
-             "--max_tokens", "128", "--benchmark_limit", "2", "--benchmark",
-             f"lambada:{FIXTURES / 'lambada.jsonl'}"])
+    _invoke(
+        [
+            "evaluate",
+            "--model_checkpoint",
+            str(run_dir / "checkpoints"),
+            "--max_tokens",
+            "128",
+            "--benchmark_limit",
+            "2",
+            "--benchmark",
+            f"lambada:{FIXTURES / 'lambada.jsonl'}",
+        ]
+    )
     saved = json.loads((run_dir / "metrics" / "eval.json").read_text())
     assert saved["val_tokens"] == 128 and saved["lambada_examples"] == 2
 
@@ -146,8 +200,17 @@ def _assert_hf_matches(folder: Path, loaded: LoadedModel) -> None:
 def test_hf_export_of_the_trained_bpe_run(run_config, tmp_path) -> None:
     run_dir = Path(run_config.run_dir)
     out = tmp_path / "hf"
-    message = _invoke(["export", "--format", "hf", "--model_checkpoint", str(run_dir / "model"),
-                       "--output", str(out)])
+    message = _invoke(
+        [
+            "export",
+            "--format",
+            "hf",
+            "--model_checkpoint",
+            str(run_dir / "model"),
+            "--output",
+            str(out),
+        ]
+    )
     assert "exported" in message
     config = json.loads((out / "config.json").read_text())
     assert config["activation_function"] == "gelu_new" and config["tie_word_embeddings"]
@@ -159,8 +222,9 @@ def test_hf_export_of_the_trained_bpe_run(run_config, tmp_path) -> None:
     _invoke(["export", "--model_checkpoint", str(checkpoint), "--output", str(from_ckpt)])
     weights = "model.safetensors"
     assert (from_ckpt / weights).read_bytes() == (out / weights).read_bytes()
-    result = CliRunner().invoke(cli, ["export", "--model_checkpoint", str(run_dir / "model"),
-                                      "--output", str(out)])
+    result = CliRunner().invoke(
+        cli, ["export", "--model_checkpoint", str(run_dir / "model"), "--output", str(out)]
+    )
     assert result.exit_code != 0 and "not empty" in str(result.exception)
 
 

@@ -21,10 +21,11 @@ from pipeline.distributed.planner import (
 )
 
 VOCAB = 50257
+LARGE = "configs/training_configs/large_scale.yaml"
 
 
 def _model(size: str):
-    return load_config(model_size=size).model
+    return load_config(model_size=size, training_config=LARGE).model
 
 
 @pytest.fixture(autouse=True)

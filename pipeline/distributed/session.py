@@ -30,6 +30,7 @@ from pipeline.distributed.environment import (
 )
 from pipeline.distributed.launch import Relaunch, plan_relaunch
 from pipeline.distributed.strategy import SingleDevice, build_strategy, choose_strategy
+from pipeline.training.batching import global_batch_sequences, plan_batch
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,9 @@ def plan_launch(config: Config, flags: LaunchFlags, argv: Sequence[str]) -> Laun
         else (config.distributed.num_nodes * config.distributed.gpus_per_node)
     )
     strategy = choose_strategy(config, world)
+    seq = config.seq_len  # an impossible batch split fails here, before any worker starts
+    plan_batch(global_batch_sequences(config.training, seq), config.training.micro_batch_size,
+               world, seq)  # fmt: skip
     if strategy != "single":
         resolve_backend(config)
     relaunch = plan_relaunch(config.distributed, flags, env, argv)

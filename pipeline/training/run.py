@@ -22,6 +22,7 @@ from pipeline.tracking.dvc_metrics import DvcMetricsTracker
 from pipeline.tracking.mlflow_tracker import open_mlflow_tracker, run_files
 from pipeline.tracking.tensorboard import TensorBoardTracker
 from pipeline.training.components import build_components
+from pipeline.training.resume_source import check_resume_source
 from pipeline.training.run_logging import run_logging
 from pipeline.training.trainer import Trainer, TrainResult
 
@@ -105,6 +106,8 @@ def train(
     main = strategy.is_main
     parts = build_components(config)
     run_dir = Path(config.run_dir)
+    # A bad resume source must fail before the run directory exists (nothing written).
+    strategy.main_only(lambda: check_resume_source(resume, run_dir / "checkpoints"))
     run_dir.mkdir(parents=True, exist_ok=True)
     log_file = run_dir / "logs" / "training.log" if main else None
     with (

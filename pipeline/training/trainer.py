@@ -19,10 +19,11 @@ import torch
 
 from pipeline.config.schema import Config
 from pipeline.distributed.strategy import SingleDevice
-from pipeline.errors import CheckpointError, UserError
+from pipeline.errors import CheckpointError
 from pipeline.rng import capture_rng_state, restore_rng_state
 from pipeline.training.batching import global_batch_sequences, plan_batch, ramped_sequences
 from pipeline.training.components import TrainingComponents, build_components
+from pipeline.training.nonfinite import NonfiniteGuard
 from pipeline.training.progress import ProgressReporter
 from pipeline.training.sampler import evaluation_windows
 
@@ -106,6 +107,7 @@ class Trainer:
         self.checkpoints = self.strategy.checkpoint_store(
             self.run_dir / "checkpoints", config.training.keep_checkpoints
         )
+        self.nonfinite = NonfiniteGuard(config.training)
 
     # ----------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
@@ -193,6 +195,8 @@ class Trainer:
 
         loss_sum = self.strategy.mean(loss_sum)  # the global batch's loss, as on one device
         grad_norm = self.strategy.step(self)
+        if self.nonfinite.roll_back_if_pending(self):  # nonfinite_policy rollback
+            return self.train_step()  # the same step again, on the next batch
         self.progress.step += 1
         self.progress.tokens_seen += plan.global_tokens
         return {
@@ -232,18 +236,8 @@ class Trainer:
         return grad_norm
 
     def _handle_nonfinite(self, grad_norm: float) -> None:
-        t = self.config.training
-        self.progress.nonfinite_steps += 1
-        self.progress.skipped_steps += 1
-        where = f"step {self.progress.step}: non-finite gradient norm ({grad_norm})"
-        if t.nonfinite_policy == "abort":
-            raise UserError(f"{where}; training.nonfinite_policy is abort")
-        if self.progress.nonfinite_steps > t.max_nonfinite_steps:
-            raise UserError(
-                f"{where}; {self.progress.nonfinite_steps} non-finite steps exceed "
-                f"training.max_nonfinite_steps ({t.max_nonfinite_steps})"
-            )
-        logger.warning("%s; update skipped (%d so far)", where, self.progress.nonfinite_steps)
+        """The update is not applied; skip, abort or roll back per training.nonfinite_policy."""
+        self.nonfinite.handle(self, grad_norm)
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -277,6 +271,7 @@ class Trainer:
                 else _QuietReporter()
             )
         result = TrainResult(progress=self.progress, preempted=False)
+        self.nonfinite.before_training(self)  # rollback: have a checkpoint to roll back to
         with StopRequested() as stop:
             while not self._finished():
                 started = time.perf_counter()
