@@ -51,7 +51,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, s
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO_ROOT / name, target)
     params = yaml.safe_load((root / "params.yaml").read_text())
-    params["training"].update(max_steps=60)
+    params["training"].update(max_steps=150)
     params["evaluation"].update(max_tokens=8192, sample_max_tokens=16)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_TRACKING", "DVC_"))}
@@ -100,8 +100,8 @@ def test_repro_then_experiment_then_noop(project: tuple[Path, dict[str, str]]) -
     ):
         assert (root / path).is_file(), path
     evaluation = json.loads((root / RUN / "metrics/eval.json").read_text())
-    assert evaluation["val_loss"] < _unigram_entropy_nats(root / "data/prepared"), (
-        "60 steps should already beat the unigram distribution"
+    assert evaluation["val_loss"] < _unigram_entropy_nats(root / "data/prepared") - 0.3, (
+        "150 steps should already beat the unigram distribution"
     )
     client = _mlflow_client(root)
     champion = client.get_model_version_by_alias("gpt3-tiny", "champion")
@@ -134,7 +134,7 @@ def test_repro_then_experiment_then_noop(project: tuple[Path, dict[str, str]]) -
         r.data.tags.get("dvc.experiment") == "low-lr" or "low-lr" in r.data.tags.values()
         for r in runs
     )
-    # The lower learning rate learns less in 60 steps: the champion must not move.
+    # The lower learning rate learns less in 150 steps: the champion must not move.
     assert client.get_model_version_by_alias("gpt3-tiny", "champion").version == champion.version
 
     started = time.monotonic()
