@@ -241,7 +241,7 @@ def test_model_size_replaces_the_params_model_file(workdir: Path) -> None:
     assert config.model.n_head == 16
     assert config.model.config == str(Path("configs/model_configs/1.3B.yaml"))
     # params.yaml's own keys still beat the model file (training.lr is set there).
-    assert config.training.lr == pytest.approx(1e-3)
+    assert config.training.lr == pytest.approx(2e-3)
 
 
 def test_model_size_picks_the_file_of_that_name(workdir: Path) -> None:
@@ -610,7 +610,7 @@ def test_params_yaml_resolves_to_the_tiny_model_on_shakespeare_on_cpu(workdir: P
     assert config.data.source == "shakespeare"
     assert config.training.device == "cpu"
     assert config.training.precision == "fp32"
-    assert config.training.max_steps == 300
+    assert config.training.max_steps == 800
 
 
 @pytest.mark.parametrize("training", TRAINING_FILES, ids=lambda p: p.stem)
@@ -733,7 +733,7 @@ def test_flatten_config_keys_are_stable(workdir: Path) -> None:
     )
     small, large = flatten_config(small_config), flatten_config(large_config)
     assert list(small) == list(large)  # same keys, same order, whether batch_ramp is set or not
-    assert small["training.lr"] == pytest.approx(1e-3)
+    assert small["training.lr"] == pytest.approx(2e-3)
     assert small["training.batch_ramp.start_tokens"] is None
     assert large["training.batch_ramp.start_tokens"] == 32768
     for key, value in large.items():

@@ -179,13 +179,13 @@ def test_resume_continues_the_same_run(prepared_dir: Path, tmp_path: Path, store
     assert run.data.params["training.max_steps"] == "6"
     assert "params cannot change" in (run_dir / "logs" / "training.log").read_text()
 
-    # A rerun of the finished run (what `dvc repro --force` does with `auto`) trains nothing
+    # Resuming the finished run from `latest` trains nothing
     # and logs no second copy of the same weights, but keeps the run id beside the model.
     def models() -> int:
         return len(client.search_logged_models([run.info.experiment_id]))
 
     assert models() == 2  # one per session that trained
-    train(_config(prepared_dir, run_dir, store, "resume", extra), resume="auto", console=False)
+    train(_config(prepared_dir, run_dir, store, "resume", extra), resume="latest", console=False)
     assert models() == 2 and _only_run(client, "resume").info.run_id == run_id
     assert json.loads((run_dir / "model" / "tracking.json").read_text())["run_id"] == run_id
 
