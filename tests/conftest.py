@@ -4,14 +4,30 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+
+from pipeline.chaos import set_args as set_args  # `--set key=value` flags (one version)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+
+
+def train_cli(args: list[str], cwd: Path, **env: str) -> subprocess.Popen:
+    """`python stages/train.py ARGS` in the background, unbuffered, output piped; `env` added."""
+    return subprocess.Popen(
+        [sys.executable, str(REPO_ROOT / "stages" / "train.py"), *args],
+        cwd=cwd,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 @pytest.fixture(scope="session")

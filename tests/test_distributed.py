@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO_ROOT, tiny_overrides
+from conftest import REPO_ROOT, set_args, tiny_overrides
 from safetensors.torch import load_file
 
 from pipeline.cli import run_command
@@ -39,15 +39,6 @@ TORCHRUN_ENV = {
     "LOCAL_WORLD_SIZE": "2",
     "TORCHELASTIC_RUN_ID": "test",
 }
-
-
-def sets(overrides: dict) -> list[str]:
-    """`--set key=value` arguments for stages/train.py."""
-    args: list[str] = []
-    for key, value in overrides.items():
-        text = "null" if value is None else str(value).lower() if isinstance(value, bool) else value
-        args += ["--set", f"{key}={text}"]
-    return args
 
 
 def run_stage(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -181,7 +172,7 @@ def test_flags_that_disagree_with_the_launcher_exit_2(
         monkeypatch.setenv(key, value)
     run_dir = tmp_path / "run"
     with pytest.raises(SystemExit) as exit_info:
-        run_command(train_command, [*flags, *sets(tiny_overrides(prepared_dir, run_dir))])
+        run_command(train_command, [*flags, *set_args(tiny_overrides(prepared_dir, run_dir))])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err, err
@@ -203,7 +194,7 @@ def ddp_run(prepared_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     root = tmp_path_factory.mktemp("ddp")
     run_dir = root / "run"
     args = ["--gpus_per_node", "2", "--distributed_backend", "gloo"]
-    proc = run_stage([*args, *sets(tiny_overrides(prepared_dir, run_dir))], root)
+    proc = run_stage([*args, *set_args(tiny_overrides(prepared_dir, run_dir))], root)
     assert proc.returncode == 0, proc.stdout
     assert "starting workers: torch.distributed.run" in proc.stdout
     return run_dir
@@ -234,7 +225,7 @@ def test_two_nodes_on_one_machine_train_as_one_job(
     """Two launches (node 0 and node 1, one process each) resume the DDP run as one job."""
     run_dir = tmp_path / "nodes"
     port = free_port()
-    overrides = sets(tiny_overrides(prepared_dir, run_dir))
+    overrides = set_args(tiny_overrides(prepared_dir, run_dir))
     resume = ["--resume_from_checkpoint", str(ddp_run / "checkpoints" / "step_0000004.pt")]
     common = ["--num_nodes", "2", "--master_addr", "127.0.0.1", "--master_port", str(port)]
     env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_ENV}
@@ -255,7 +246,7 @@ def test_two_nodes_on_one_machine_train_as_one_job(
 def test_the_training_guides_torch_distributed_launch(prepared_dir: Path, tmp_path: Path) -> None:
     """`python3 -m torch.distributed.launch` passes `--local-rank=N`; the rank comes from env."""
     run_dir = tmp_path / "legacy"
-    overrides = sets(tiny_overrides(prepared_dir, run_dir, {"training.max_steps": 2}))
+    overrides = set_args(tiny_overrides(prepared_dir, run_dir, {"training.max_steps": 2}))
     env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_ENV}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.launch", "--nproc_per_node", "2",

@@ -12,21 +12,17 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import os
 import re
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO_ROOT, tiny_overrides
+from conftest import REPO_ROOT, set_args, tiny_overrides, train_cli
 
-from pipeline.chaos import set_args
 from pipeline.config.loader import load_config
 from pipeline.errors import UserError
 from pipeline.tracking.base import TrackerGroup
@@ -201,18 +197,6 @@ def test_rollback_before_the_first_checkpoint_returns_to_the_start(
 # ------------------------------------------------------------------------ the command line
 
 
-def _train_cli(args: list[str], cwd: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(
-        [sys.executable, str(REPO_ROOT / "stages" / "train.py"), *args],
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-
-
 def _prepared_copy(prepared: Path, folder: Path, damage: Callable[[Path], None]) -> Path:
     shutil.copytree(prepared, folder)
     damage(folder)
@@ -293,7 +277,10 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(
     for number, (name, (extra, flags, _)) in enumerate(cases.items()):
         run_dir = tmp_path / f"run{number}"
         overrides = tiny_overrides(prepared_dir, run_dir, extra)
-        procs[name] = (_train_cli([*set_args(overrides), *flags], tmp_path), run_dir)
+        procs[name] = (
+            train_cli([*set_args(overrides), *flags], tmp_path, OMP_NUM_THREADS="1"),
+            run_dir,
+        )
     failures = []
     for name, (proc, run_dir) in procs.items():
         output = proc.communicate(timeout=120)[0]
@@ -317,7 +304,7 @@ def test_a_second_run_on_the_same_output_directory_is_refused(
     run_dir = tmp_path / "run"
     extra = {"training.max_steps": 100_000, "training.checkpoint_interval": 100_000}
     args = set_args(tiny_overrides(prepared_dir, run_dir, extra))
-    first = _train_cli(args, tmp_path)
+    first = train_cli(args, tmp_path, OMP_NUM_THREADS="1")
     log = run_dir / "logs" / "training.log"
     deadline = time.monotonic() + 120
     while not (log.exists() and "step 2: loss" in log.read_text()):
@@ -325,7 +312,7 @@ def test_a_second_run_on_the_same_output_directory_is_refused(
         assert time.monotonic() < deadline, "the first run did not start"
         time.sleep(0.05)
     try:
-        second = _train_cli(args, tmp_path)
+        second = train_cli(args, tmp_path, OMP_NUM_THREADS="1")
         output = second.communicate(timeout=120)[0]
         assert second.returncode == 2, output
         lines = output.strip().splitlines()

@@ -5,16 +5,13 @@ Real data (a prepared slice of Shakespeare), real models, real optimizer steps o
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO_ROOT, tiny_overrides
+from conftest import REPO_ROOT, set_args, tiny_overrides, train_cli
 
 from pipeline.config.loader import load_config
 from pipeline.errors import CheckpointError
@@ -150,26 +147,6 @@ def test_auto_resume_continues_only_an_interrupted_run(prepared_dir: Path, tmp_p
     assert rerun.losses == again.losses
 
 
-def _train_cli(args: list[str], cwd: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen(
-        [sys.executable, str(REPO_ROOT / "stages" / "train.py"), *args],
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-
-
-def _sets(overrides: dict) -> list[str]:
-    args: list[str] = []
-    for key, value in overrides.items():
-        text = "null" if value is None else str(value).lower() if isinstance(value, bool) else value
-        args += ["--set", f"{key}={text}"]
-    return args
-
-
 def test_sigterm_checkpoints_and_resume_continues_exactly(
     prepared_dir: Path, tmp_path: Path
 ) -> None:
@@ -184,8 +161,8 @@ def test_sigterm_checkpoints_and_resume_continues_exactly(
         console=False,
     )
     run_dir = tmp_path / "run"
-    args = _sets(tiny_overrides(prepared_dir, run_dir, extra))
-    proc = _train_cli(args, tmp_path)
+    args = set_args(tiny_overrides(prepared_dir, run_dir, extra))
+    proc = train_cli(args, tmp_path)
     log = run_dir / "logs" / "training.log"
     deadline = time.monotonic() + 120
     while not (log.exists() and "step 5: loss" in log.read_text()):
@@ -232,9 +209,9 @@ def test_seed_command_line_flags(prepared_dir: Path, tmp_path: Path) -> None:
         "--gpus_per_node",
         "1",
         "--local_rank=0",
-        *_sets(overrides),
+        *set_args(overrides),
     ]
-    proc = _train_cli(args, tmp_path)
+    proc = train_cli(args, tmp_path)
     output = proc.communicate(timeout=300)[0]
     assert proc.returncode == 0, output
     resolved = (run_dir / "resolved_config.yaml").read_text()
@@ -246,7 +223,7 @@ def test_seed_command_line_flags(prepared_dir: Path, tmp_path: Path) -> None:
         "config: " + str(REPO_ROOT / "configs/model_configs/tiny.yaml"),
     ):
         assert expected in resolved, expected
-    proc = _train_cli([*args, "--max_steps", "3", "--resume_from_checkpoint", "latest"], tmp_path)
+    proc = train_cli([*args, "--max_steps", "3", "--resume_from_checkpoint", "latest"], tmp_path)
     output = proc.communicate(timeout=300)[0]
     assert proc.returncode == 0, output
     state = torch.load(run_dir / "checkpoints" / "latest_checkpoint.pt", weights_only=True)
@@ -262,7 +239,7 @@ def test_bad_flags_exit_2_and_write_nothing() -> None:
         (["--set", "training.lrr=1"], "did you mean 'training.lr'"),
         (["--config", "nope.yaml"], "config file nope.yaml not found"),
     ]:
-        proc = _train_cli(args, REPO_ROOT)
+        proc = train_cli(args, REPO_ROOT)
         output = proc.communicate(timeout=120)[0]
         assert proc.returncode == 2, output
         assert message in output and "Traceback" not in output, output
