@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from pipeline.checkpoint import CorruptCheckpointError, step_filename
+from pipeline.checkpoint_io import fsync_directory
 from pipeline.distributed.comm import Collective
 from pipeline.errors import CheckpointError
 
@@ -62,14 +63,6 @@ def _hash_and_sync(path: Path) -> str:
             digest.update(chunk)
         os.fsync(handle.fileno())
     return digest.hexdigest()
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def verify_tag_dir(tag_dir: Path) -> None:
@@ -226,18 +219,18 @@ class DeepSpeedCheckpoints:
         manifest = tmp / MANIFEST
         manifest.write_text("".join(f"{d}  {name}\n" for name, d in digests), encoding="ascii")
         _hash_and_sync(manifest)
-        _fsync_directory(tmp)
+        fsync_directory(tmp)
         old = final.with_name(f".{final.name}.old")
         if final.exists():  # the same step saved again after a resume
             shutil.rmtree(old, ignore_errors=True)
             os.replace(final, old)
         os.replace(tmp, final)
-        _fsync_directory(self.directory)
+        fsync_directory(self.directory)
         pointer = self.directory / f".{LATEST}.tmp"
         pointer.write_text(final.name + "\n", encoding="utf-8")
         _hash_and_sync(pointer)
         os.replace(pointer, self.directory / LATEST)
-        _fsync_directory(self.directory)
+        fsync_directory(self.directory)
         shutil.rmtree(old, ignore_errors=True)
         self._prune(keep_also=final)
         return final
