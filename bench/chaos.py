@@ -34,7 +34,7 @@ def prepared_folder(requested: str | None, scratch: Path) -> Path:
     default = Path(__file__).resolve().parent.parent / "data" / "prepared"
     if (default / META_FILE).is_file():
         return default
-    from train import synthetic_prepared  # bench/train.py, beside this file
+    from synthetic_data import synthetic_prepared  # bench/synthetic_data.py, beside this file
 
     print(f"no {default / META_FILE}: training on synthetic tokens", flush=True)
     return synthetic_prepared(scratch / "prepared", vocab=512, tokens=200_000)

@@ -231,6 +231,7 @@ class GPT(nn.Module):
         self.vocab_size = vocab_size
         self.padded_vocab_size = padded_vocab_size(vocab_size)
         self.gradient_checkpointing = False
+        self.checkpointed_blocks = config.n_layer
 
         self.wte = nn.Embedding(self.padded_vocab_size, config.d_model)
         self.wpe = nn.Embedding(config.n_ctx, config.d_model)
@@ -273,9 +274,14 @@ class GPT(nn.Module):
                 nn.init.zeros_(module.bias)
         self.wte.weight[self.vocab_size :].zero_()
 
-    def set_gradient_checkpointing(self, enabled: bool) -> None:
-        """Recompute each block's activations in backward: memory for about a third more compute."""
+    def set_gradient_checkpointing(self, enabled: bool, blocks: int | None = None) -> None:
+        """Recompute blocks' activations in backward: memory for about a third more compute.
+
+        `blocks` limits recomputation to the first N blocks (None: every block), for models
+        that need only part of the saving to fit.
+        """
         self.gradient_checkpointing = enabled
+        self.checkpointed_blocks = len(self.h) if blocks is None else min(blocks, len(self.h))
 
     def new_kv_cache(
         self,
@@ -319,8 +325,8 @@ class GPT(nn.Module):
         pos = torch.arange(start_pos, start_pos + t, device=idx.device)
         x = self.drop(self.wte(idx) + self.wpe(pos))
         checkpointed = self.gradient_checkpointing and self.training and kv_cache is None
-        for block in self.h:
-            if checkpointed:
+        for i, block in enumerate(self.h):
+            if checkpointed and i < self.checkpointed_blocks:
                 x = checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x, kv_cache, start_pos)

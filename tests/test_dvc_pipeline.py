@@ -165,3 +165,51 @@ def test_forced_repro_is_bit_identical(project: tuple[Path, dict[str, str]]) -> 
         r.data.tags.get("data_hash") or r.data.tags.get("data.hash") for r in (latest, previous)
     }
     assert len(hashes) == 1 and None not in hashes
+
+
+def _out_files(root: Path) -> dict[str, bytes]:
+    """Every file of every output dvc.lock records (metrics included): what DVC shares."""
+    lock = yaml.safe_load((root / "dvc.lock").read_text())
+    files = {}
+    for stage in lock["stages"].values():
+        for out in stage.get("outs", []):
+            path = root / out["path"]
+            for file in [path] if path.is_file() else sorted(path.rglob("*")):
+                if file.is_file():
+                    files[str(file.relative_to(root))] = file.read_bytes()
+    return files
+
+
+def test_a_colleague_pulls_instead_of_rerunning(project: tuple[Path, dict[str, str]]) -> None:
+    """`gpt3 remote && dvc push`; a fresh clone's `dvc pull` gets the same bytes, nothing reruns.
+
+    Uses the default `storage.url` (a folder beside the repository), so the colleague's clone
+    sits beside it too, as two checkouts on one machine or one shared filesystem would.
+    """
+    root, env = project
+    _run(["dvc", "repro"], root, env)  # a no-op after the tests above; the pipeline if alone
+    _run(["gpt3", "remote"], root, env)
+    _run(["dvc", "push"], root, env)
+    storage = root.parent / "gpt3-dvc-storage"
+    assert any(p.is_file() for p in storage.rglob("*")), "dvc push wrote nothing"
+    _run(["git", "add", "-A"], root, env)
+    _run(["git", "commit", "-qm", "results, dvc.lock and the remote"], root, env)
+
+    clone = root.parent / "colleague"
+    _run(["git", "clone", "-q", str(root), str(clone)], root.parent, env)
+    _run(["gpt3", "remote"], clone, env)  # the same remote, from the same params.yaml
+    assert _run(["git", "status", "--porcelain"], clone, env) == "", "remote config differs"
+    _run(["dvc", "pull"], clone, env)
+    status = subprocess.run(
+        ["dvc", "status", "--json"], cwd=clone, env=env, capture_output=True, text=True, check=True
+    )
+    assert json.loads(status.stdout) == {}, status.stdout
+    output = _run(["dvc", "repro"], clone, env)
+    assert "Running stage" not in output and "up to date" in output, output
+    assert _run(["git", "status", "--porcelain"], clone, env) == "", "repro changed dvc.lock"
+
+    shared, pulled = _out_files(root), _out_files(clone)
+    assert RUN.joinpath("model", "model.safetensors").as_posix() in pulled
+    assert RUN.joinpath("metrics", "eval.json").as_posix() in pulled
+    assert sorted(pulled) == sorted(shared)
+    assert [name for name in shared if pulled[name] != shared[name]] == []

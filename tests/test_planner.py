@@ -88,3 +88,43 @@ def test_gpt3_plan_command_prints_the_table() -> None:
         plan_command, ["--model_size", "13B", "--gpus", "12", "--gpus_per_node", "8"]
     )
     assert bad.exit_code != 0 and "not a multiple" in str(bad.exception)
+
+
+MEASURED = REPO_ROOT / "bench" / "results" / "h200-2026-11-26.jsonl"
+
+
+def _measured_rows() -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in MEASURED.read_text().splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("row", _measured_rows(), ids=lambda row: row["case"])
+def test_activation_model_predicts_measured_gpu_peaks_within_ten_percent(row: dict) -> None:
+    """Peak GPU memory measured by bench/train.py on an H200 (the project's own train command,
+    bf16, torch.compile) vs the planner's single-GPU figure: weights, gradients and Adam in
+    fp32 (16 bytes per parameter) plus activations, with full, partial or no checkpointing."""
+    from pipeline.model import count_parameters
+
+    model = _model(row["model"])
+    settings = row["settings"]
+    params = count_parameters(model, 50304)
+    acts = activation_bytes(
+        model,
+        50304,
+        row["micro_batch"],
+        row["seq"],
+        bool(settings.get("training.gradient_checkpointing")),
+        settings.get("training.gradient_checkpointing_blocks"),
+    )
+    predicted = (16 * params + acts) / GIB
+    assert predicted == pytest.approx(row["peak_gpu_gib"], rel=0.10)
+
+
+def test_partial_checkpointing_sits_between_none_and_full() -> None:
+    model = _model("2.7B")
+    full = activation_bytes(model, VOCAB, 8, 2048, checkpointing=True)
+    none = activation_bytes(model, VOCAB, 8, 2048, checkpointing=False)
+    partial = activation_bytes(model, VOCAB, 8, 2048, True, checkpointed_layers=20)
+    assert full < partial < none
+    assert activation_bytes(model, VOCAB, 8, 2048, True, checkpointed_layers=32) == full

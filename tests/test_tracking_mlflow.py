@@ -9,18 +9,19 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import REPO_ROOT, tiny_overrides
+from mlflow_support import MlflowServer
+from mlflow_support import free_port as _free_port
+from mlflow_support import poll as _poll
 
 from pipeline.config.loader import flatten_config, load_config
 from pipeline.config.schema import TrackingConfig
@@ -59,18 +60,6 @@ def _only_run(client: MlflowClient, experiment: str):
 
 def _steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
     return sorted(m.step for m in client.get_metric_history(run_id, key))
-
-
-def _poll(condition: Callable[[], object], deadline_s: float, what: str) -> object:
-    """Call `condition` until it returns something truthy; fail after `deadline_s`."""
-    end = time.monotonic() + deadline_s
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > end:
-            pytest.fail(f"timed out after {deadline_s:.0f} s waiting for {what}")
-        time.sleep(0.2)  # polling cadence, not synchronisation
 
 
 @pytest.fixture(autouse=True)
@@ -202,9 +191,10 @@ def test_unreachable_server_never_stops_training(prepared_dir: Path, tmp_path: P
     assert result.progress.step == 8 and (run_dir / "model" / "model.safetensors").is_file()
     log = (run_dir / "logs" / "training.log").read_text()
     assert log.count("unreachable (") == 1, "one warning, not one per step"
-    # 10 batches (8 steps + 2 validations) through a queue of 3: the last 3 are kept.
-    assert "NOT SENT" in log and "3 metric batches, steps 7-8" in log
-    assert "DROPPED 7 metric batches, steps 1-6" in log
+    # 12 batches (8 steps, 2 validations, 2 checkpoint stalls) through a queue of 3: the last 3
+    # (step 8's loss, validation and checkpoint stall) are kept.
+    assert "NOT SENT" in log and "3 metric batches, steps 8-8" in log
+    assert "DROPPED 9 metric batches, steps 1-7" in log
     assert not (run_dir / "model" / "tracking.json").exists()
     assert elapsed < 60, f"an unreachable server cost {elapsed:.0f} s"
 
@@ -269,77 +259,11 @@ def test_long_param_values_are_truncated(prepared_dir: Path, tmp_path: Path) -> 
 
 
 # ------------------------------------------------------------------------- a real server
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _http_json(url: str, body: dict | None = None) -> dict:
     data = json.dumps(body).encode() if body is not None else None
     request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=10) as response:
         return json.loads(response.read())
-
-
-class MlflowServer:
-    """`mlflow server` on 127.0.0.1 in its own process group, restartable on the same port."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-        env.pop("MLFLOW_TRACKING_URI", None)
-        with open(self.root / "server.log", "a") as log:
-            self.proc = subprocess.Popen(
-                [
-                    str(Path(sys.executable).parent / "mlflow"),
-                    "server",
-                    "--backend-store-uri",
-                    f"sqlite:///{self.root / 'server.db'}",
-                    "--artifacts-destination",
-                    str(self.root / "artifacts"),
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(self.port),
-                    "--workers",
-                    "1",
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                env=env,
-            )
-
-        def healthy() -> bool:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                tail = (self.root / "server.log").read_text()[-2000:]
-                pytest.fail(f"mlflow server exited with {self.proc.returncode}:\n{tail}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
-                    return response.status == 200
-            except (urllib.error.URLError, OSError):
-                return False
-
-        _poll(healthy, 120, "the MLflow server to answer /health")
-
-    def kill(self) -> None:
-        """SIGKILL the whole process group (server and its workers), as a crash would."""
-        assert self.proc is not None
-        os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(timeout=30)
-
-        def port_closed() -> bool:
-            with socket.socket() as sock:
-                return sock.connect_ex(("127.0.0.1", self.port)) != 0
-
-        _poll(port_closed, 30, "the killed server's port to close")
 
 
 @pytest.fixture(scope="module")

@@ -1,22 +1,32 @@
-"""`gpt3 plan`: memory per GPU for a model size on N GPUs, and which setups fit.
+"""`gpt3 plan`: memory per GPU for a model size on N GPUs, which setups fit, and what it costs.
 
     gpt3 plan --model_size 13B --gpus 16 [--zero 3 --offload cpu] [--gpu_memory 80]
+              [--tokens 300B --gpu H100 --mfu 0.45]
 
-Reads the model config (and the training config's micro-batch and sequence length); allocates
-nothing, so 175B plans in a second. See `pipeline/distributed/planner.py` for the formulas.
+Reads the model config (and the training config's micro-batch, sequence length and token
+budget); allocates nothing, so 175B plans in a second. See `pipeline/distributed/planner.py`
+for the memory formulas and `pipeline/distributed/cost.py` for FLOPs, GPU-hours and the
+`#SBATCH` request.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from pipeline.config.loader import load_config
 from pipeline.errors import ConfigError
 
+if TYPE_CHECKING:
+    from pipeline.config.schema import ModelConfig
+    from pipeline.distributed.cost import Cost, SlurmRequest
+    from pipeline.distributed.planner import Plan, Row, Setup
+
 DEFAULT_TRAINING_CONFIG = "configs/training_configs/large_scale.yaml"
 GPT2_VOCAB = 50257
+DEFAULT_MEASURED_MFU = "bench/measured_mfu.json"
 
 
 @click.command("plan", context_settings={"help_option_names": ["-h", "--help"]})
@@ -39,6 +49,33 @@ GPT2_VOCAB = 50257
 @click.option(
     "--deepspeed_table", is_flag=True, help="Also print DeepSpeed's own ZeRO-2/3 estimate tables."
 )
+@click.option(
+    "--tokens",
+    help="Training tokens, e.g. 300e9 or 300B [default: the training config's max_tokens].",
+)
+@click.option(
+    "--gpu",
+    "gpu_kind",
+    default="H100",
+    show_default=True,
+    help="GPU kind for the peak and the measured MFU: H100, H200, A100, ... (throughput.py).",
+)
+@click.option("--mfu", type=float, help="MFU to assume, e.g. 0.45 [default: measured].")
+@click.option(
+    "--measured_mfu",
+    type=click.Path(dir_okay=False),
+    default=DEFAULT_MEASURED_MFU,
+    show_default=True,
+    help="Measured MFU per GPU kind and model size.",
+)
+@click.option(
+    "--time_margin",
+    type=float,
+    default=0.2,
+    show_default=True,
+    help="Fraction added to the wall-clock estimate for the sbatch time limit.",
+)
+@click.option("--cpus_per_gpu", type=int, default=8, show_default=True, help="For --cpus-per-task.")
 def plan(
     model_size: str | None,
     model_config: str | None,
@@ -53,10 +90,22 @@ def plan(
     seq_len: int | None,
     vocab_size: int,
     deepspeed_table: bool,
+    tokens: str | None,
+    gpu_kind: str,
+    mfu: float | None,
+    measured_mfu: str,
+    time_margin: float,
+    cpus_per_gpu: int,
 ) -> int:
-    """Print parameters, memory per GPU and which setups fit (nothing is allocated)."""
+    """Print parameters, memory per GPU, which setups fit, and the run's cost (nothing is
+    allocated)."""
+    from pipeline.distributed.cost import check_mfu, format_cost, gpu_peak_tflops, parse_tokens
     from pipeline.distributed.planner import GIB, find_setup, format_plan, make_plan
 
+    token_count = parse_tokens(tokens) if tokens is not None else None
+    gpu_kind, _ = gpu_peak_tflops(gpu_kind)
+    if mfu is not None:
+        check_mfu(mfu)
     if not (model_size or model_config):
         raise ConfigError("give --model_size (e.g. 13B) or --config")
     if gpus < 1:
@@ -78,17 +127,36 @@ def plan(
         training_config=recipe,
         overrides={k: v for k, v in overrides.items() if v is not None},
     )
+    vocab = config.model.vocab_size or vocab_size
+    budget = token_count if token_count is not None else config.training.max_tokens
+    # The cost comes first: a bad cost input then prints only its error, before DeepSpeed loads.
+    cost = None
+    if budget is not None:
+        cost = _cost(
+            config.model,
+            vocab,
+            config.seq_len,
+            budget,
+            gpu_kind,
+            mfu,
+            Path(measured_mfu),
+            gpus,
+            per_node,
+            time_margin,
+            cpus_per_gpu,
+        )
     result = make_plan(
-        config.model,
-        config.model.vocab_size or vocab_size,
-        gpus,
-        per_node,
-        config.training.micro_batch_size,
-        config.seq_len,
+        config.model, vocab, gpus, per_node, config.training.micro_batch_size, config.seq_len
     )
     chosen = None if zero is None else find_setup(zero or None, offload)
     host = int(host_memory * GIB) if host_memory is not None else None
     click.echo(format_plan(result, int(gpu_memory * GIB), host, chosen))
+    click.echo()
+    if cost is None:
+        click.echo("cost: pass --tokens (e.g. 300B) for FLOPs, GPU-hours and the sbatch request")
+    else:
+        memory = _memory_line(result, int(gpu_memory * GIB), host, chosen)
+        click.echo(format_cost(*cost, time_margin, memory))
     if deepspeed_table:
         from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs_all_cold
         from deepspeed.runtime.zero.stage_1_and_2 import (
@@ -101,3 +169,59 @@ def plan(
             result.parameters, result.largest_layer, per_node, nodes
         )
     return 0
+
+
+def _cost(
+    model: ModelConfig,
+    vocab_size: int,
+    seq_len: int,
+    tokens: int,
+    gpu_kind: str,
+    mfu: float | None,
+    measured_file: Path,
+    gpus: int,
+    gpus_per_node: int,
+    margin: float,
+    cpus_per_gpu: int,
+) -> tuple[Cost, SlurmRequest, str]:
+    """FLOPs, GPU-hours and the Slurm request, and a note of where the MFU came from."""
+    from pipeline.distributed.cost import (
+        estimate_cost,
+        explain_measured,
+        load_measured_mfu,
+        nearest_measured,
+        slurm_request,
+    )
+    from pipeline.model import count_parameters
+
+    if mfu is not None:
+        mfu_from = "(--mfu)"
+    else:
+        parameters = count_parameters(model, vocab_size)  # what the memory table reports
+        entry = nearest_measured(load_measured_mfu(measured_file), gpu_kind, parameters)
+        mfu, mfu_from = entry.mfu, explain_measured(entry, parameters)
+    cost = estimate_cost(model, vocab_size, seq_len, tokens, gpu_kind, gpus, mfu)
+    return cost, slurm_request(cost, gpus_per_node, cpus_per_gpu, margin), mfu_from
+
+
+def _memory_line(result: Plan, gpu_memory: int, host: int | None, chosen: Setup | None) -> str:
+    """The chosen setup's memory per GPU, else that of the first setup (least sharded) that fits."""
+    from pipeline.distributed.planner import verdict
+
+    if chosen is not None:
+        row = next(row for row in result.rows if row.setup == chosen)
+        return _row_memory(row, verdict(row, gpu_memory, host))
+    for row in result.rows:
+        fit = verdict(row, gpu_memory, host)
+        if fit in ("yes", "ckpt"):
+            return _row_memory(row, fit)
+    return "no setup fits (see the table)"
+
+
+def _row_memory(row: Row, fit: str) -> str:
+    from pipeline.distributed.planner import GIB
+
+    if fit == "yes":
+        return f"{row.with_activations / GIB:,.1f} GiB, {row.setup.name}"
+    text = f"{row.with_checkpointing / GIB:,.1f} GiB, {row.setup.name} with gradient checkpointing"
+    return text if fit == "ckpt" else f"{text}; does not fit: {fit}"

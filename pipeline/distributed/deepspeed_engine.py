@@ -26,6 +26,7 @@ from pipeline.distributed.deepspeed_config import read_deepspeed_json, resolve_d
 from pipeline.distributed.strategy import SingleDevice, restore_rank_rng, seed_rank
 from pipeline.errors import ConfigError
 from pipeline.model import GPT
+from pipeline.training.components import with_attention_backend
 
 if TYPE_CHECKING:
     from pipeline.training.components import TrainingComponents
@@ -89,7 +90,7 @@ class DeepSpeedStrategy(SingleDevice):
             model_parameters=parts.model.param_groups(t.weight_decay) if own_optimizer else None,
             config=self.ds_config,
         )
-        parts.forward = self.engine
+        parts.forward = with_attention_backend(self.engine, config.training.attention_backend)
         parts.optimizer = self.engine.optimizer  # param_groups: where the trainer sets the lr
         parts.precision = EnginePrecision(self.engine, t.precision)  # type: ignore[assignment]
         if self.is_main:

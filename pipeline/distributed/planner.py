@@ -13,9 +13,11 @@ Everything is computed from the config alone (`pipeline.model.count_parameters`)
   autocast): 16 bytes per parameter on every GPU.
 - Activations: Korthikanti et al. 2022 (16-bit activations, per layer 18sbh + 4sbf bytes with
   dropout, 16sbh + 4sbf without, f = d_ff) with fused attention (no s^2 term: SDPA/flash), plus
-  10 bytes per logit for the output layer and the fp32 loss. With gradient checkpointing each
-  layer keeps only its 16-bit input (2sbh) and one layer's activations are live while it is
-  recomputed.
+  6 bytes per logit for the output layer and the loss. With gradient checkpointing each
+  checkpointed layer keeps only its 16-bit input (2sbh) and one layer's activations are live
+  while it is recomputed; `checkpointed_layers` below n_layer keeps the rest in full.
+  Checked against measured peaks on an H200 (bench/NOTES.md): 125M-6.7B, micro-batches 4-64,
+  full, partial and no checkpointing, all within 10% (tests/test_planner.py).
 - Building: the model is built whole, in fp32, on each GPU before any sharding (4 bytes per
   parameter), so a setup also needs that much free at the start.
 """
@@ -28,8 +30,9 @@ from pipeline.config.schema import ModelConfig
 from pipeline.model import count_parameters, padded_vocab_size
 
 GIB = 2**30
-LOGIT_BYTES = 10
-"""16-bit logits, their fp32 copy for the loss, and the fp32 gradient of the softmax."""
+LOGIT_BYTES = 6
+"""Per logit: the 16-bit logits kept for backward and the fp32 gradient of the softmax. (The
+fp32 copy for the loss is fused away under torch.compile; measured on an H200, bench/NOTES.md.)"""
 
 
 @dataclass(frozen=True)
@@ -91,16 +94,27 @@ def largest_layer_params(model: ModelConfig, vocab_size: int) -> int:
 
 
 def activation_bytes(
-    model: ModelConfig, vocab_size: int, micro_batch: int, seq_len: int, checkpointing: bool
+    model: ModelConfig,
+    vocab_size: int,
+    micro_batch: int,
+    seq_len: int,
+    checkpointing: bool,
+    checkpointed_layers: int | None = None,
 ) -> int:
-    """Activation memory of one micro-batch's forward pass (see the module docstring)."""
+    """Activation memory of one micro-batch's forward pass (see the module docstring).
+
+    `checkpointed_layers` (with checkpointing): how many layers recompute (None: all).
+    """
     s, b, h = seq_len, micro_batch, model.d_model
     f = model.d_ff or 4 * h
     per_layer = (18 if model.dropout > 0 else 16) * s * b * h + 4 * s * b * f
     logits = LOGIT_BYTES * s * b * vocab_size
-    if checkpointing:
-        return model.n_layer * 2 * s * b * h + per_layer + logits
-    return model.n_layer * per_layer + logits
+    if not checkpointing:
+        return model.n_layer * per_layer + logits
+    recomputed = model.n_layer if checkpointed_layers is None else checkpointed_layers
+    recomputed = min(recomputed, model.n_layer)
+    kept = model.n_layer - recomputed
+    return recomputed * 2 * s * b * h + (kept + (1 if recomputed else 0)) * per_layer + logits
 
 
 def model_state_bytes(

@@ -6,7 +6,7 @@ The trainer calls the same hooks whatever runs underneath:
     micro_step(last)             context for one micro-batch; gradients sync only on the last
     backward(parts, loss)        loss -> gradients (scaled for fp16 where the strategy owns it)
     step(trainer) -> grad norm   clip and update once per global batch
-    save(trainer) / load(trainer, which)
+    save(trainer) / load(trainer, which) / flush_checkpoints()
     export_model(parts)          the full fp32 model on rank 0 (None elsewhere)
 
 `single` and `ddp` share the trainer's own clipping/loss scaling and its single-file checkpoints
@@ -29,12 +29,14 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.checkpoint import CheckpointManager
+from pipeline.checkpoint_async import AsyncCheckpointWriter
 from pipeline.config.schema import Config
 from pipeline.distributed.comm import Collective
 from pipeline.errors import ConfigError
 from pipeline.model import GPT
 from pipeline.rng import restore_rng_state
 from pipeline.run_lock import RunLock
+from pipeline.training.components import with_attention_backend
 
 if TYPE_CHECKING:
     from pipeline.training.components import TrainingComponents
@@ -52,6 +54,8 @@ class SingleDevice:
     def __init__(self, comm: Collective | None = None, config: Config | None = None) -> None:
         self.comm = comm or Collective()
         self.config = config
+        self.writer: AsyncCheckpointWriter | None = None
+        """Background checkpoint writer (rank 0) when training.async_checkpoint is on."""
 
     @property
     def rank(self) -> int:
@@ -89,7 +93,10 @@ class SingleDevice:
         """Nothing to wrap on one device."""
 
     def checkpoint_store(self, directory: Path, keep: int) -> Any:
-        return CheckpointManager(directory, keep=keep)
+        manager = CheckpointManager(directory, keep=keep)
+        if self.config is not None and self.config.training.async_checkpoint and self.is_main:
+            self.writer = AsyncCheckpointWriter(manager)
+        return manager
 
     def micro_step(self, last: bool) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
@@ -106,10 +113,25 @@ class SingleDevice:
         ranks = self.comm.all_gather_object(state["rng"])
         if self.comm.distributed:
             state["rng_ranks"] = ranks
-        return self.main_only(lambda: trainer.checkpoints.save(state, trainer.progress.step))
+        step = trainer.progress.step
+        if self.writer is not None:  # snapshot to host now, write in the background
+            return self.main_only(lambda: self.writer.save(state, step))
+        return self.main_only(lambda: trainer.checkpoints.save(state, step))
+
+    def prepare_checkpoint_buffers(self, trainer: Trainer) -> None:
+        """After the first step (the optimizer state exists): allocate the host buffers of the
+        background writer ahead of the first save, so that save stalls only for the copy."""
+        if self.writer is not None and trainer.parts.device.type == "cuda":
+            self.writer.preallocate(trainer.state_dict())
+
+    def flush_checkpoints(self) -> None:
+        """Wait until the checkpoint being written in the background is on disk."""
+        if self.writer is not None:
+            self.writer.wait()
 
     def load(self, trainer: Trainer, which: str | Path) -> Path:
         """Rank 0 resolves `which` (e.g. `latest`) to one file; every rank then loads that file."""
+        self.flush_checkpoints()
         loaded: dict[str, Any] = {}
 
         def resolve() -> Path:
@@ -148,7 +170,11 @@ class DataParallel(SingleDevice):
         self.module = DistributedDataParallel(
             parts.model, device_ids=device_ids, gradient_as_bucket_view=True
         )
-        parts.forward = torch.compile(self.module) if config.training.compile else self.module
+        t = config.training
+        # compile_scope blocks: build_components already compiled the blocks in place.
+        whole = t.compile and t.compile_scope == "model"
+        forward = torch.compile(self.module) if whole else self.module
+        parts.forward = with_attention_backend(forward, t.attention_backend)
 
     def micro_step(self, last: bool) -> contextlib.AbstractContextManager:
         """All-reduce on the last micro-batch only; the others accumulate locally (no_sync)."""

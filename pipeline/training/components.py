@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.config.schema import Config
+from pipeline.config.schema import Config, TrainingConfig
 from pipeline.data.prepare import load_meta, open_tokens
 from pipeline.errors import ConfigError, DataError
 from pipeline.model import GPT, flops_per_token
@@ -51,6 +51,45 @@ class TrainingComponents:
         if self.device.type != "cuda":
             return tensors
         return tuple(t.pin_memory().to(self.device, non_blocking=True) for t in tensors)
+
+
+SDPA_BACKENDS = {
+    "flash": "FLASH_ATTENTION",
+    "cudnn": "CUDNN_ATTENTION",
+    "efficient": "EFFICIENT_ATTENTION",
+    "math": "MATH",
+}
+"""training.attention_backend -> the name of torch.nn.attention.SDPBackend's member."""
+
+
+def compiled_forward(model: GPT, training: TrainingConfig) -> Callable[..., Any]:
+    """The model's forward, compiled as training.compile/compile_scope say.
+
+    `blocks` compiles each transformer block in place (regional compilation): the blocks are
+    identical, so one compilation serves them all and a large model starts in seconds.
+    """
+    if not training.compile:
+        return model
+    if training.compile_scope == "blocks":
+        for block in model.h:
+            block.compile()
+        return model
+    return torch.compile(model)
+
+
+def with_attention_backend(forward: Callable[..., Any], backend: str) -> Callable[..., Any]:
+    """Run `forward` with only the chosen attention kernel allowed (`auto`: PyTorch's pick)."""
+    if backend == "auto":
+        return forward
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    chosen = getattr(SDPBackend, SDPA_BACKENDS[backend])
+
+    def forward_with_backend(*args: Any, **kwargs: Any) -> Any:
+        with sdpa_kernel(chosen):
+            return forward(*args, **kwargs)
+
+    return forward_with_backend
 
 
 def resolve_device(name: str) -> torch.device:
@@ -103,8 +142,10 @@ def build_components(config: Config) -> TrainingComponents:
     if t.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ConfigError("training.precision: bf16 is not supported on this GPU; use fp16")
     seed_everything(config.seed)
-    model = GPT(config.model, vocab_size).to(device)
-    model.set_gradient_checkpointing(t.gradient_checkpointing)
+    # Built directly on the device: a 6.7B model initialised on the CPU first costs a minute.
+    with torch.device(device):
+        model = GPT(config.model, vocab_size)
+    model.set_gradient_checkpointing(t.gradient_checkpointing, t.gradient_checkpointing_blocks)
     optimizer = torch.optim.AdamW(
         model.param_groups(t.weight_decay),
         lr=t.lr,
@@ -112,7 +153,7 @@ def build_components(config: Config) -> TrainingComponents:
         eps=t.eps,
         fused=device.type == "cuda",
     )
-    forward = torch.compile(model) if t.compile else model
+    forward = with_attention_backend(compiled_forward(model, t), t.attention_backend)
     batch_tokens = global_batch_sequences(t, seq) * seq
     schedule = WarmupCosine(
         peak=t.lr,

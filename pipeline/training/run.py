@@ -38,7 +38,16 @@ def _same_run(saved: dict, config: Config) -> bool:
     With an explicit `training.decay_tokens` the schedule does not depend on the run's length,
     so a longer max_steps/max_tokens extends the same run instead of starting a new one.
     """
-    ignore = {"tracking", "evaluation", "registry", "output_dir", "output_root", "name"}
+    ignore = {
+        "tracking",
+        "evaluation",
+        "registry",
+        "storage",
+        "slurm",
+        "output_dir",
+        "output_root",
+        "name",
+    }
     current = config.model_dump(mode="json")
     saved = {**saved, "training": dict(saved.get("training", {}))}
     if config.training.decay_tokens is not None:

@@ -56,14 +56,17 @@ class TrainResult:
 
 
 class StopRequested:
-    """SIGTERM/SIGINT set a flag; the loop finishes its step, checkpoints and exits."""
+    """SIGTERM/SIGINT/SIGUSR1 set a flag; the loop finishes its step, checkpoints and exits.
+
+    SIGUSR1 is what SLURM sends before a time limit or preemption (`--signal=USR1@<s>`).
+    """
 
     def __init__(self) -> None:
         self.signal: int | None = None
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopRequested:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
@@ -167,8 +170,12 @@ class Trainer:
     def _lr(self) -> float:
         return self.parts.schedule(self.progress.tokens_seen)
 
-    def train_step(self) -> dict[str, float]:
-        """One optimizer step over the global batch; returns the step's metrics."""
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer step over the global batch; returns the step's metrics.
+
+        `train/loss` stays a 0-d device tensor: reading it waits for the GPU, so the loop
+        converts it only at log steps (`float(...)` works on it anywhere).
+        """
         parts, t = self.parts, self.config.training
         quantum = t.micro_batch_size * self.world_size
         sequences = ramped_sequences(
@@ -200,7 +207,7 @@ class Trainer:
         self.progress.step += 1
         self.progress.tokens_seen += plan.global_tokens
         return {
-            "train/loss": float(loss_sum),
+            "train/loss": loss_sum,
             "train/lr": lr,
             "train/grad_norm": grad_norm,
             "train/loss_scale": parts.precision.loss_scale(),
@@ -262,28 +269,47 @@ class Trainer:
         return self.strategy.save(self)
 
     def fit(self, tracker: Any, reporter: ProgressReporter | None = None) -> TrainResult:
-        """Train until max_steps/max_tokens or a stop signal; checkpoint on the way out."""
-        t = self.config.training
+        """Train until max_steps/max_tokens or a stop signal; checkpoint on the way out.
+
+        Returns only once the last checkpoint is on disk (saves may be written in the
+        background while training goes on: `training.async_checkpoint`).
+        """
         if reporter is None:
             reporter = (
-                ProgressReporter(self.config, self.parts, self.progress.step)
+                ProgressReporter(
+                    self.config, self.parts, self.progress.step, self.progress.tokens_seen
+                )
                 if self.strategy.is_main
                 else _QuietReporter()
             )
         result = TrainResult(progress=self.progress, preempted=False)
+        try:
+            self._loop(tracker, reporter, result)
+        finally:
+            reporter.close()
+            self.strategy.flush_checkpoints()
+        result.progress = self.progress
+        return result
+
+    def _loop(self, tracker: Any, reporter: Any, result: TrainResult) -> None:
+        t = self.config.training
         self.nonfinite.before_training(self)  # rollback: have a checkpoint to roll back to
+        first_step = True
         with StopRequested() as stop:
             while not self._finished():
-                started = time.perf_counter()
                 metrics = self.train_step()
                 step = self.progress.step
-                metrics.update(reporter.throughput(metrics, time.perf_counter() - started))
-                if "perf/mfu" in metrics:  # tokens/s is the job's, the peak one device's
-                    metrics["perf/mfu"] /= self.world_size
+                if first_step:
+                    self.strategy.prepare_checkpoint_buffers(self)
+                    first_step = False
                 if step % t.log_interval == 0 or step == 1:
+                    metrics["train/loss"] = float(metrics["train/loss"])  # waits for the GPU
+                    metrics.update(reporter.throughput(step, self.progress.tokens_seen))
+                    if "perf/mfu" in metrics:  # tokens/s is the job's, the peak one device's
+                        metrics["perf/mfu"] /= self.world_size
                     result.losses[step] = metrics["train/loss"]
                     tracker.log_metrics(metrics, step)
-                reporter.update(step, metrics)
+                    reporter.update(step, metrics)
                 if step % t.eval_interval == 0 or self._finished():
                     val = self.evaluate()
                     result.val_losses[step] = val
@@ -292,7 +318,11 @@ class Trainer:
                 # A signal may reach the ranks at different steps: stop together.
                 stopping = self.strategy.any_rank(bool(stop))
                 if step % t.checkpoint_interval == 0 or self._finished() or stopping:
+                    started = time.perf_counter()
                     result.final_checkpoint = self.save_checkpoint()
+                    stall = time.perf_counter() - started
+                    tracker.log_metrics({"perf/checkpoint_stall_s": stall}, step)
+                    logger.info("step %d: checkpoint taken, training stalled %.2f s", step, stall)
                 if stopping:
                     logger.warning(
                         "signal %s received: checkpoint saved at step %d, exiting",
@@ -301,15 +331,12 @@ class Trainer:
                     )
                     result.preempted = True
                     break
-        reporter.close()
-        result.progress = self.progress
-        return result
 
 
 class _QuietReporter:
     """What ranks other than 0 report: nothing (rank 0 alone logs and tracks)."""
 
-    def throughput(self, metrics: dict[str, float], seconds: float) -> dict[str, float]:
+    def throughput(self, step: int, tokens_seen: int) -> dict[str, float]:
         return {}
 
     def update(self, step: int, metrics: dict[str, float]) -> None:
