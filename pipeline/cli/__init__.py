@@ -21,7 +21,9 @@ SUBCOMMANDS = {
     "generate": "pipeline.cli.generate:generate",
     "export": "pipeline.cli.export:export",
     "promote": "pipeline.cli.promote:promote",
+    "remote": "pipeline.cli.remote:remote",
     "plan": "pipeline.cli.plan:plan",
+    "slurm": "pipeline.cli.slurm:slurm",
 }
 """Subcommand name -> "module:attribute" of its click command, imported on first use."""
 

@@ -187,7 +187,15 @@ class TrainingConfig(Section):
     grad_clip: float | None = Field(default=1.0, gt=0.0)
     precision: Precision = "fp32"
     compile: bool = False
+    compile_scope: Literal["model", "blocks"] = "model"
+    """`model` compiles the whole forward and loss (fastest steps); `blocks` compiles each
+    transformer block on its own (identical blocks share one compilation: much faster start)."""
+    attention_backend: Literal["auto", "flash", "cudnn", "efficient", "math"] = "auto"
+    """Scaled-dot-product attention kernel; `auto` lets PyTorch choose."""
     gradient_checkpointing: bool = False
+    gradient_checkpointing_blocks: int | None = Field(default=None, ge=1)
+    """With gradient_checkpointing: recompute only the first N blocks (None: all). Fewer
+    recomputed blocks cost less compute and more activation memory."""
     device: str = "auto"
     """`auto` (CUDA when present, else CPU), `cpu`, `cuda` or `cuda:N`."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -196,6 +204,9 @@ class TrainingConfig(Section):
     eval_iters: int = Field(default=10, ge=1)
     checkpoint_interval: int = Field(default=100, ge=1)
     keep_checkpoints: int = Field(default=3, ge=1)
+    async_checkpoint: bool = True
+    """Copy the state to host memory and write the file in the background, so a save stalls
+    training only for the copy (same atomic files and exact resume as a blocking save)."""
     nonfinite_policy: Literal["skip", "rollback", "abort"] = "skip"
     max_nonfinite_steps: int = Field(default=10, ge=0)
     peak_tflops: float | None = Field(default=None, gt=0.0)
@@ -273,6 +284,20 @@ class RegistryConfig(Section):
     challenger_alias: str = "challenger"
 
 
+class StorageConfig(Section):
+    """The DVC remote `gpt3 remote` configures and `dvc push` / `dvc pull` use.
+
+    No stage lists this section in its params: where the data is shared is not what the
+    pipeline computes, so changing it never reruns a stage.
+    """
+
+    remote: str = Field(default="local", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    """Name of the remote in `.dvc/config` (made the default remote)."""
+    url: str = Field(default="../gpt3-dvc-storage", min_length=1)
+    """A folder (a relative path is relative to the folder of params.yaml, the repository
+    root) or any URL DVC supports: `/shared/dvc`, `s3://bucket/path`, `ssh://host/path`."""
+
+
 class DistributedConfig(Section):
     """How training is launched across processes and machines."""
 
@@ -283,6 +308,97 @@ class DistributedConfig(Section):
     num_nodes: int = Field(default=1, ge=1)
     gpus_per_node: int = Field(default=1, ge=1)
     deepspeed_config: str | None = None
+
+
+_UNLIMITED = ("unlimited", "infinite")
+
+
+def _slurm_seconds(text: str) -> int | None:
+    """Seconds in a SLURM time limit (`90`, `02:00:00`, `1-12:00:00`); None for unlimited.
+
+    SLURM's forms: minutes, minutes:seconds, hours:minutes:seconds, days-hours,
+    days-hours:minutes, days-hours:minutes:seconds.
+    """
+    if text.strip().lower() in _UNLIMITED:
+        return None
+    days_text, dash, rest = text.strip().rpartition("-") if "-" in text else ("", "", text)
+    parts = rest.split(":")
+    numbers = [days_text, *parts] if dash else parts
+    if not all(n.isdigit() for n in numbers) or len(parts) > 3:
+        raise ValueError(
+            f"{text!r} is not a SLURM time limit; e.g. 02:00:00, 1-12:00:00 or 90 (minutes)"
+        )
+    values = [int(n) for n in parts]
+    if dash:  # days-hours[:minutes[:seconds]]
+        hours, minutes, seconds = [*values, 0, 0][:3]
+        return ((int(days_text) * 24 + hours) * 60 + minutes) * 60 + seconds
+    if len(values) == 3:
+        return (values[0] * 60 + values[1]) * 60 + values[2]
+    return values[0] * 60 + (values[1] if len(values) == 2 else 0)
+
+
+class SlurmConfig(Section):
+    """The batch job that `distributed.launcher: slurm` submits (`gpt3 slurm script` shows it).
+
+    Nodes and processes per node come from `distributed`; this section holds what the scheduler
+    needs besides. It changes where and how the run is scheduled, not what it computes.
+    """
+
+    partition: str | None = None
+    """`--partition`; None: the cluster's default partition."""
+    account: str | None = None
+    """`--account` to charge; None: the user's default account."""
+    time_limit: str | None = None
+    """`--time`, e.g. `02:00:00` or `1-12:00:00`; None: the partition's default limit."""
+    cpus_per_task: int | None = Field(default=None, ge=1)
+    """CPUs of each node's one task, shared by that node's training processes; None: the
+    cluster's default (often 1: set it, e.g. 8 per GPU)."""
+    log_dir: str | None = None
+    """Folder of the batch script and the job's output files; None: `<run_dir>/slurm`."""
+    signal_seconds: int = Field(default=120, ge=1, le=65535)
+    """SLURM sends the batch shell USR1 this long before the time limit; the training processes
+    then checkpoint and the job requeues itself. Must cover one step plus a checkpoint save."""
+    max_requeues: int = Field(default=10, ge=0)
+    """How often the job may requeue itself (SLURM_RESTART_COUNT), so a job that never gets
+    anywhere does not come back forever."""
+    extra_sbatch: list[str] = Field(default_factory=list)
+    """More `#SBATCH` options, one per item, e.g. `--qos=high` or `--constraint=a100`."""
+    launcher: Literal["torchrun", "deepspeed"] = "torchrun"
+    """What starts the training processes in the job: `srun torchrun` on every node, or the
+    deepspeed launcher with a hostfile of the job's nodes."""
+    port: int | None = Field(default=None, ge=1024, le=65535)
+    """Rendezvous port on the first node; None: 29500 + job id % 1000, so jobs that share a
+    node do not collide."""
+
+    @field_validator("time_limit")
+    @classmethod
+    def _time_limit_format(cls, value: str | None) -> str | None:
+        if value is not None:
+            _slurm_seconds(value)
+        return value
+
+    @field_validator("extra_sbatch")
+    @classmethod
+    def _extra_lines_are_options(cls, lines: list[str]) -> list[str]:
+        cleaned = []
+        for line in lines:
+            option = line.strip().removeprefix("#SBATCH").strip()
+            if not option.startswith("-") or "\n" in option:
+                raise ValueError(f"{line!r} is not one sbatch option, e.g. --qos=high")
+            cleaned.append(option)
+        return cleaned
+
+    @model_validator(mode="after")
+    def _warning_fits_the_time_limit(self) -> SlurmConfig:
+        limit = _slurm_seconds(self.time_limit) if self.time_limit else None
+        if limit is not None and self.signal_seconds >= limit:
+            raise CrossFieldError(
+                f"signal_seconds ({self.signal_seconds}) must be shorter than time_limit "
+                f"({self.time_limit} = {limit} s): the checkpoint warning would come at the start",
+                "signal_seconds",
+                "time_limit",
+            )
+        return self
 
 
 class Config(Section):
@@ -303,7 +419,9 @@ class Config(Section):
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+    slurm: SlurmConfig = Field(default_factory=SlurmConfig)
 
     @model_validator(mode="after")
     def _training_fits_model(self) -> Config:
