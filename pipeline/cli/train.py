@@ -12,6 +12,8 @@ Distributed: under torchrun, `python3 -m torch.distributed.launch` or `deepspeed
 runs this same command and reads its rank from the environment (the flags must agree with the
 launcher's world). Run plainly with `--num_nodes` x `--gpus_per_node` > 1 (or params.yaml's
 `distributed` section), it starts this node's workers itself: see `pipeline/distributed/`.
+With `distributed.launcher: slurm` it submits a SLURM batch job instead and waits for it
+(`sbatch --wait`, see `pipeline/slurm/`); inside that job the same command trains.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import click
 import yaml
 
 from pipeline.config.loader import load_config
+from pipeline.config.schema import Config
 from pipeline.errors import PREEMPTED_EXIT_CODE, ConfigError
 
 
@@ -36,6 +39,62 @@ def parse_set(values: tuple[str, ...]) -> dict[str, Any]:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. training.lr=3e-4")
         out[key.strip()] = yaml.safe_load(raw)
     return out
+
+
+def config_from_flags(
+    *,
+    params_file: str | None,
+    model_config: str | None,
+    model_size: str | None,
+    training_config: str | None,
+    seed: int | None,
+    output_dir: str | None,
+    precision: str | None,
+    fp16: bool,
+    bf16: bool,
+    gradient_checkpointing: bool | None,
+    compile_model: bool | None,
+    max_steps: int | None,
+    distributed_backend: str | None,
+    num_nodes: int | None,
+    gpus_per_node: int | None,
+    deepspeed_config: str | None,
+    sets: tuple[str, ...],
+) -> Config:
+    """The run's config from the command line's config flags (`gpt3 slurm` takes them too)."""
+    if fp16 and bf16:
+        raise ConfigError("--fp16 and --bf16 are mutually exclusive")
+    chosen = "fp16" if fp16 else "bf16" if bf16 else None
+    if chosen and precision and chosen != precision:
+        raise ConfigError(f"--{chosen} contradicts --precision {precision}")
+    explicit_files = any((model_config, model_size, training_config))
+    if params_file is None and not explicit_files and Path("params.yaml").is_file():
+        params_file = "params.yaml"
+    flags: dict[str, Any] = {
+        "seed": seed,
+        "output_dir": output_dir,
+        "training.precision": chosen or precision,
+        "training.gradient_checkpointing": gradient_checkpointing,
+        "training.compile": compile_model,
+        "training.max_steps": max_steps,
+        "distributed.backend": distributed_backend,
+        "distributed.num_nodes": num_nodes,
+        "distributed.gpus_per_node": gpus_per_node,
+        "distributed.deepspeed_config": deepspeed_config,
+    }
+    # Named flags are more specific than --set, so they win.
+    overrides = {**parse_set(sets), **{k: v for k, v in flags.items() if v is not None}}
+    if params_file is None and output_dir is None:
+        model_name = model_size or (Path(model_config).stem if model_config else "model")
+        recipe = Path(training_config).stem if training_config else "default"
+        overrides.setdefault("name", f"{model_name}-{recipe}")
+    return load_config(
+        params_file=params_file,
+        model_config=model_config,
+        training_config=training_config,
+        model_size=model_size,
+        overrides=overrides,
+    )
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -127,40 +186,27 @@ def train(
     sets: tuple[str, ...],
 ) -> int:
     """Train a GPT model (resumable; see the module docstring for precedence)."""
-    if fp16 and bf16:
-        raise ConfigError("--fp16 and --bf16 are mutually exclusive")
-    chosen = "fp16" if fp16 else "bf16" if bf16 else None
-    if chosen and precision and chosen != precision:
-        raise ConfigError(f"--{chosen} contradicts --precision {precision}")
-    explicit_files = any((model_config, model_size, training_config))
-    if params_file is None and not explicit_files and Path("params.yaml").is_file():
-        params_file = "params.yaml"
-    flags: dict[str, Any] = {
-        "seed": seed,
-        "output_dir": output_dir,
-        "training.precision": chosen or precision,
-        "training.gradient_checkpointing": gradient_checkpointing,
-        "training.compile": compile_model,
-        "training.max_steps": max_steps,
-        "distributed.backend": distributed_backend,
-        "distributed.num_nodes": num_nodes,
-        "distributed.gpus_per_node": gpus_per_node,
-        "distributed.deepspeed_config": deepspeed_config,
-    }
-    # Named flags are more specific than --set, so they win.
-    overrides = {**parse_set(sets), **{k: v for k, v in flags.items() if v is not None}}
-    if params_file is None and output_dir is None:
-        model_name = model_size or (Path(model_config).stem if model_config else "model")
-        recipe = Path(training_config).stem if training_config else "default"
-        overrides.setdefault("name", f"{model_name}-{recipe}")
-    config = load_config(
+    config = config_from_flags(
         params_file=params_file,
         model_config=model_config,
-        training_config=training_config,
         model_size=model_size,
-        overrides=overrides,
+        training_config=training_config,
+        seed=seed,
+        output_dir=output_dir,
+        precision=precision,
+        fp16=fp16,
+        bf16=bf16,
+        gradient_checkpointing=gradient_checkpointing,
+        compile_model=compile_model,
+        max_steps=max_steps,
+        distributed_backend=distributed_backend,
+        num_nodes=num_nodes,
+        gpus_per_node=gpus_per_node,
+        deepspeed_config=deepspeed_config,
+        sets=sets,
     )
     from pipeline.distributed.environment import LaunchFlags  # heavy imports after validation
+    from pipeline.distributed.launch import submits_slurm_job
     from pipeline.distributed.session import plan_launch, training_strategy
 
     launch = plan_launch(
@@ -168,6 +214,10 @@ def train(
         LaunchFlags(num_nodes, gpus_per_node, node_rank, master_addr, master_port, local_rank),
         sys.argv,
     )
+    if submits_slurm_job(config.distributed, launch.env):  # launcher slurm, outside the job
+        from pipeline.slurm.submit import submit_and_wait
+
+        sys.exit(submit_and_wait(config, resume_from_checkpoint))
     if launch.relaunch is not None:  # launched plainly with several processes: start them
         click.echo(f"starting workers: {launch.relaunch.describe()}", err=True)
         sys.exit(launch.relaunch.run())

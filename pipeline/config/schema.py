@@ -370,10 +370,15 @@ class SlurmConfig(Section):
     """Rendezvous port on the first node; None: 29500 + job id % 1000, so jobs that share a
     node do not collide."""
 
-    @field_validator("time_limit")
+    @field_validator("time_limit", mode="before")
     @classmethod
-    def _time_limit_format(cls, value: str | None) -> str | None:
-        if value is not None:
+    def _time_limit_format(cls, value: Any) -> Any:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            raise ValueError(
+                f"YAML read {value!r} as a number (unquoted 2:00:00 is 7200); quote the time "
+                'limit: "02:00:00", "1-12:00:00" or "90" (minutes)'
+            )
+        if isinstance(value, str):
             _slurm_seconds(value)
         return value
 

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pipeline.config.schema import DistributedConfig
 from pipeline.distributed.environment import DistEnv, LaunchFlags
 from pipeline.errors import ConfigError
+from pipeline.slurm.environment import inside_slurm_job
 
 DEFAULT_MASTER_PORT = 29500
 """torchrun's default for multi-node jobs; a one-node job picks a free port instead."""
@@ -70,11 +71,14 @@ def plan_relaunch(
     A DeepSpeed run is always started through a launcher (DeepSpeed reads LOCAL_RANK and the
     rendezvous from the environment), even on one GPU.
 
+    `launcher: slurm` outside a SLURM job: None, the caller submits a batch job instead (see
+    `submits_slurm_job`). Inside one, a plain run starts this node's workers like `torchrun`.
+
     `argv` is the command line to give every worker (script first). Master address, port and
     node rank come from the flags, else MASTER_ADDR / MASTER_PORT / NODE_RANK.
     """
     environ = os.environ if environ is None else environ
-    if env.launched:
+    if env.launched or submits_slurm_job(distributed, env, environ):
         return None
     nodes, per_node = distributed.num_nodes, distributed.gpus_per_node
     node_rank = flags.node_rank if flags.node_rank is not None else _env_int(environ, "NODE_RANK")
@@ -85,11 +89,6 @@ def plan_relaunch(
         )
     if nodes * per_node == 1 and not distributed.deepspeed_config:
         return None  # DeepSpeed wants a launcher's environment even for one process
-    if distributed.launcher == "slurm":
-        raise ConfigError(
-            "distributed.launcher slurm: this script does not start Slurm tasks; submit the job "
-            "with srun running torchrun on each node (see the README), or use launcher torchrun"
-        )
     master_addr = flags.master_addr or environ.get("MASTER_ADDR")
     if master_addr is None:
         if nodes > 1:
@@ -116,6 +115,17 @@ def plan_relaunch(
     if master_port is not None:
         args.append(f"--master_port={master_port}")
     return Relaunch("torchrun", (*args, script, *rest))
+
+
+def submits_slurm_job(
+    distributed: DistributedConfig, env: DistEnv, environ: Mapping[str, str] | None = None
+) -> bool:
+    """Should this process submit a SLURM batch job rather than train (`launcher: slurm`)?
+
+    Only a plain process outside any SLURM job does: the job's own `stages/train.py` runs
+    under torchrun (or inside the job's allocation) and trains.
+    """
+    return distributed.launcher == "slurm" and not env.launched and not inside_slurm_job(environ)
 
 
 def _env_int(environ: Mapping[str, str], name: str) -> int | None:
