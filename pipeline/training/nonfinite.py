@@ -68,6 +68,7 @@ class NonfiniteGuard:
         Not simply `latest`: after a resume from an older checkpoint, `latest` may still
         point past the current step.
         """
+        trainer.strategy.flush_checkpoints()  # a checkpoint still being written counts too
         store, step = trainer.checkpoints, trainer.progress.step
         return trainer.strategy.main_only(
             lambda: [path for saved, path in reversed(store.list_checkpoints()) if saved <= step]
