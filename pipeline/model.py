@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from pipeline.chunked_loss import chunked_lm_loss
 from pipeline.config.schema import ModelConfig
 
 VOCAB_MULTIPLE = 64
@@ -232,6 +233,8 @@ class GPT(nn.Module):
         self.padded_vocab_size = padded_vocab_size(vocab_size)
         self.gradient_checkpointing = False
         self.checkpointed_blocks = config.n_layer
+        self.loss_chunk_tokens: int | None = None
+        """When set, the loss is computed this many tokens at a time (`set_loss_chunking`)."""
 
         self.wte = nn.Embedding(self.padded_vocab_size, config.d_model)
         self.wpe = nn.Embedding(config.n_ctx, config.d_model)
@@ -283,6 +286,11 @@ class GPT(nn.Module):
         self.gradient_checkpointing = enabled
         self.checkpointed_blocks = len(self.h) if blocks is None else min(blocks, len(self.h))
 
+    def set_loss_chunking(self, tokens: int | None) -> None:
+        """Compute the training loss `tokens` at a time, never holding the whole batch's logits
+        (`pipeline.chunked_loss`); forward then returns no logits when given targets."""
+        self.loss_chunk_tokens = tokens
+
     def new_kv_cache(
         self,
         batch_size: int = 1,
@@ -306,7 +314,7 @@ class GPT(nn.Module):
         kv_cache: KVCache | None = None,
         start_pos: int = 0,
         last_only: bool = False,
-    ) -> tuple[Tensor, Tensor | None]:
+    ) -> tuple[Tensor | None, Tensor | None]:
         """Logits `(B, T, vocab_size)` for token ids `idx` `(B, T)`, and the loss if `targets`.
 
         The loss is the mean cross-entropy in fp32 over targets that are not -1. With `kv_cache`,
@@ -331,6 +339,13 @@ class GPT(nn.Module):
             else:
                 x = block(x, kv_cache, start_pos)
         x = self.ln_f(x)
+        if targets is not None and self.loss_chunk_tokens is not None:
+            flat = x.reshape(-1, x.shape[-1])
+            loss = chunked_lm_loss(
+                flat, self.lm_head.weight, targets.reshape(-1), self.vocab_size,
+                self.loss_chunk_tokens,
+            )  # fmt: skip
+            return None, loss
         if last_only:
             x = x[:, -1:, :]
         logits = self.lm_head(x)[..., : self.vocab_size]

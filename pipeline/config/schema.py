@@ -192,6 +192,9 @@ class TrainingConfig(Section):
     transformer block on its own (identical blocks share one compilation: much faster start)."""
     attention_backend: Literal["auto", "flash", "cudnn", "efficient", "math"] = "auto"
     """Scaled-dot-product attention kernel; `auto` lets PyTorch choose."""
+    loss_chunk_tokens: int | None = Field(default=None, ge=1)
+    """Compute the output layer and loss this many tokens at a time, so the whole batch's
+    logits never sit in memory (None: all at once)."""
     gradient_checkpointing: bool = False
     gradient_checkpointing_blocks: int | None = Field(default=None, ge=1)
     """With gradient_checkpointing: recompute only the first N blocks (None: all). Fewer

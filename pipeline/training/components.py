@@ -146,6 +146,7 @@ def build_components(config: Config) -> TrainingComponents:
     with torch.device(device):
         model = GPT(config.model, vocab_size)
     model.set_gradient_checkpointing(t.gradient_checkpointing, t.gradient_checkpointing_blocks)
+    model.set_loss_chunking(t.loss_chunk_tokens)
     optimizer = torch.optim.AdamW(
         model.param_groups(t.weight_decay),
         lr=t.lr,
