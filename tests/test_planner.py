@@ -128,3 +128,38 @@ def test_partial_checkpointing_sits_between_none_and_full() -> None:
     partial = activation_bytes(model, VOCAB, 8, 2048, True, checkpointed_layers=20)
     assert full < partial < none
     assert activation_bytes(model, VOCAB, 8, 2048, True, checkpointed_layers=32) == full
+
+
+def test_partial_optimizer_offload_fits_6_7b_next_to_an_80_gb_gpu() -> None:
+    """6.7B on one 80 GB GPU and 128 GiB of host: whole-optimizer offload needs more host memory
+    than that (as measured on such a machine: 121 GiB in use, then killed), no offload more GPU
+    memory; offloading 55% of the optimizer (configs/deepspeed_zero3_partial_offload.json) sits
+    between and fits both, with gradient checkpointing."""
+    result = make_plan(_model("6.7B"), 50304, 1, 1, 4, 2048)
+    rows = {row.setup.name: row for row in result.rows}
+    partial = rows["ZeRO-3 + offload 55% of optimizer"]
+    none, whole = rows["ZeRO-3"], rows["ZeRO-3 + offload optimizer"]
+    assert whole.model_states < partial.model_states < none.model_states
+    assert none.host_per_node < partial.host_per_node < whole.host_per_node
+    gpu, host = 80 * GIB, 125 * GIB
+    assert verdict(partial, gpu, host) == "ckpt"
+    assert verdict(whole, gpu, host).startswith("no") and verdict(none, gpu, host) == "no"
+
+
+def test_the_partial_offload_config_resolves() -> None:
+    from pipeline.distributed.deepspeed_config import read_deepspeed_json, resolve_deepspeed_config
+
+    path = REPO_ROOT / "configs" / "deepspeed_zero3_partial_offload.json"
+    config = load_config(
+        model_size="6.7B",
+        training_config=LARGE,
+        overrides={"training.precision": "bf16", "training.micro_batch_size": 4},
+    )
+    ds = resolve_deepspeed_config(read_deepspeed_json(path), config, 1, str(path), cuda=True)
+    offload = ds["zero_optimization"]["offload_optimizer"]
+    assert (ds["zero_optimization"]["stage"], offload["device"], offload["ratio"]) == (
+        3,
+        "cpu",
+        0.55,
+    )
+    assert ds["bf16"]["enabled"] is True and ds["train_micro_batch_size_per_gpu"] == 4
