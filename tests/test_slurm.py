@@ -6,7 +6,9 @@ way DVC does it (`python stages/train.py` with `distributed.launcher: slurm`). T
 requeued by SLURM once (`scontrol requeue`: SIGTERM, checkpoint, requeue) and warned once
 (`scancel --signal=USR1 --batch`, what `--signal=B:USR1@<s>` delivers before a time limit:
 checkpoint, the job requeues itself), and must still end with the weights of an uninterrupted
-run, in one MLflow run. A second job fails with a user error and must not come back.
+run, in one MLflow run. A second job fails with a user error and must not come back. And
+`dvc repro` itself, in a fresh git + DVC copy of the repo, must wait for its one-process job
+and record the outputs of a local run, bit for bit.
 """
 
 from __future__ import annotations
@@ -29,9 +31,11 @@ import torch
 import yaml
 from conftest import REPO_ROOT, set_args, tiny_overrides
 from safetensors.torch import load_file
+from test_dvc_pipeline import _project_files, _run
 
 from pipeline.cli import run_command
 from pipeline.cli.slurm import slurm as slurm_command
+from pipeline.config.layers import deep_merge, dotted_to_nested
 from pipeline.config.loader import load_config
 from pipeline.config.schema import Config, DistributedConfig
 from pipeline.distributed.environment import DistEnv, LaunchFlags
@@ -535,3 +539,106 @@ def _curve(run_dir: Path) -> dict[int, float]:
     """The train-loss curve rank 0 wrote for DVC (step -> loss)."""
     with (run_dir / "plots" / "train_loss.csv").open() as handle:
         return {int(row["step"]): float(row["train_loss"]) for row in csv.DictReader(handle)}
+
+
+@pytest.mark.slow
+def test_dvc_repro_trains_through_the_cluster_like_a_local_run(
+    cluster: Cluster, small_corpus_dir: Path, tmp_path: Path
+) -> None:
+    """The README's promise: with `launcher: slurm`, `dvc repro` on the login node submits the
+    train stage's job, ends when the job does, and records what a local run would have made.
+
+    One process (gpus_per_node 1), so the job's weights are bitwise those of a local run.
+    """
+    root, name = tmp_path / "project", "slurm-dvc"
+    for file in _project_files():  # a fresh clone, as test_dvc_pipeline makes one
+        (root / file).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO_ROOT / file, root / file)
+    tiny = tiny_overrides(Path(), Path())
+    del tiny["data.prepared_dir"], tiny["output_dir"]  # dvc.yaml's paths: in the repo
+    settings = {
+        **tiny,
+        "name": name,
+        # the prepared_dir fixture's corpus and tokenizer: a prepare stage of seconds
+        "data.source": "files",
+        "data.inputs": [str(small_corpus_dir / "*.txt")],
+        "data.vocab_size": 512,
+        "data.val_fraction": 0.2,
+        "distributed.launcher": "slurm",
+        "distributed.gpus_per_node": 1,
+        "slurm.port": free_port(),
+    }
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params = deep_merge(params, dotted_to_nested(settings))
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    # The cluster's environment (no launcher or job variables; OMP_NUM_THREADS=1, as the
+    # local run below), with this venv first on PATH: dvc runs `python stages/train.py`, and
+    # the job uses that interpreter (and the torchrun beside it).
+    env = {**cluster.env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{cluster.env['PATH']}"}
+    env.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t")
+    env.update(GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
+    for command in (["git", "init", "-q"], ["dvc", "init", "-q"], ["git", "add", "-A"]):
+        _run(command, root, env)
+    _run(["git", "commit", "-qm", "fresh clone"], root, env)
+
+    output = tmp_path / "repro.out"
+    with open(output, "wb") as out:
+        repro = subprocess.Popen(
+            ["dvc", "repro", "train"], cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT
+        )
+
+    def jobs() -> dict[str, str]:
+        """Job id -> state, of the jobs slurmctld still knows (MinJobAge: 2 s after the end)."""
+        listing = cluster.command("squeue", "-h", "--states=all", "-o", "%i %T")
+        return dict(line.split() for line in listing.splitlines())
+
+    def repro_alive() -> None:
+        cluster.check_alive()
+        assert repro.poll() is None, output.read_text(errors="replace")
+
+    def job_running() -> bool:
+        return jobs().get(_job_id(output) or "") == "RUNNING"
+
+    try:
+        wait_for(job_running, "the job to run", 120, repro_alive)
+        repro_alive()  # the stage waits for the job it submitted
+        assert repro.wait(timeout=300) == 0, output.read_text(errors="replace")
+    finally:
+        if repro.poll() is None:
+            repro.kill()
+            repro.wait()
+    # ... and returned once the job had ended, having trained to the end.
+    text = output.read_text(errors="replace")
+    job_id = _job_id(output)
+    assert job_id is not None and f"SLURM job {job_id} ended with exit code 0" in text, text
+    states = jobs()  # COMPLETED, or already purged: nothing of it still pending or running
+    assert states.get(job_id, "COMPLETED") == "COMPLETED", states
+    run_dir = root / "experiments" / name
+    job_out = (run_dir / "slurm" / f"{name}-{job_id}.out").read_text()
+    assert job_out.rstrip().endswith("gpt3: training finished"), job_out
+
+    lock = yaml.safe_load((root / "dvc.lock").read_text())
+    outs = {out["path"]: out for out in lock["stages"]["train"]["outs"]}
+    run = f"experiments/{name}"
+    assert sorted(outs) == sorted(
+        f"{run}/{out}" for out in ("model", "checkpoints", "plots", "metrics/train.json")
+    ), outs
+    assert all(out.get("md5") for out in outs.values()), outs
+    status = subprocess.run(
+        ["dvc", "status", "--json", "train"], cwd=root, env=env, capture_output=True, text=True
+    )
+    assert status.returncode == 0 and json.loads(status.stdout) == {}, status
+
+    # The same config trained here, without SLURM, beside the repo.
+    local = tmp_path / "local"
+    _run(
+        [
+            *(sys.executable, str(root / "stages" / "train.py"), "--resume_from_checkpoint"),
+            *("auto", "--output_dir", str(local), "--set", "distributed.launcher=none"),
+        ],
+        root,
+        env,
+    )
+    model = Path("model") / "model.safetensors"
+    assert (run_dir / model).read_bytes() == (local / model).read_bytes()
+    assert _curve(run_dir) == _curve(local)
