@@ -17,6 +17,7 @@ from pipeline.checkpoint_async import AsyncCheckpointWriter, HostSnapshot, tenso
 from pipeline.config.loader import load_config
 from pipeline.errors import CheckpointError
 from pipeline.training.run import train
+from pipeline.training.trainer import Trainer
 
 
 def _config(prepared: Path, run_dir: Path, extra: dict | None = None):
@@ -91,7 +92,6 @@ def test_a_failed_background_write_is_raised_by_the_next_wait(tmp_path: Path) ->
     with pytest.raises(CheckpointError):
         writer.wait()
     assert writer.wait() is None, "the error is raised once"
-    assert [step for step, _ in manager.list_checkpoints()] == [1]
 
 
 def test_a_state_too_big_for_host_memory_is_saved_blocking(
@@ -103,6 +103,32 @@ def test_a_state_too_big_for_host_memory_is_saved_blocking(
         path = writer.save({"model": {"w": torch.ones(3)}}, 5)
     assert path.is_file(), "written before save() returned"
     assert "without a host copy (blocking)" in caplog.text
+
+
+def _block_calls(trainer: Trainer) -> list[int]:
+    """Forward calls of each block during one optimizer step (recomputation included)."""
+    calls = [0] * len(trainer.parts.model.h)
+    hooks = [
+        block.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+        for i, block in enumerate(trainer.parts.model.h)
+    ]
+    trainer.train_step()
+    for hook in hooks:
+        hook.remove()
+    return calls
+
+
+def test_checkpointing_the_first_blocks_recomputes_only_those(
+    prepared_dir: Path, tmp_path: Path
+) -> None:
+    def calls(extra: dict) -> list[int]:
+        return _block_calls(Trainer(_config(prepared_dir, tmp_path / str(len(extra)), extra)))
+
+    ckpt = {"training.gradient_checkpointing": True}
+    # 2 blocks, 2 micro-batches per step: each block runs twice, recomputed blocks twice more.
+    assert calls({}) == [2, 2]
+    assert calls(ckpt) == [4, 4]
+    assert calls({**ckpt, "training.gradient_checkpointing_blocks": 1}) == [4, 2]
 
 
 def test_checkpointing_some_blocks_changes_nothing_but_memory(
@@ -122,6 +148,29 @@ def test_checkpointing_some_blocks_changes_nothing_but_memory(
     assert runs["all"].losses == runs["none"].losses == runs["first"].losses
     _assert_same_tensors(
         _checkpoint(tmp_path / "none")["model"], _checkpoint(tmp_path / "first")["model"]
+    )
+
+
+def test_tied_weights_are_copied_and_saved_once(tmp_path: Path) -> None:
+    from collections import OrderedDict
+
+    from pipeline.model import GPT
+
+    config = load_config(
+        model_size="tiny", overrides={"training.max_steps": 1, "training.global_batch_size": 1}
+    )
+    state = GPT(config.model, 512).state_dict()
+    assert isinstance(state, OrderedDict) and hasattr(state, "_metadata")
+    copied = HostSnapshot().copy({"model": state})["model"]
+    assert copied["wte.weight"] is copied["lm_head.weight"], "one buffer for the tied weight"
+    assert type(copied) is OrderedDict and copied._metadata == state._metadata
+    torch.save(state, tmp_path / "direct.pt")
+    torch.save(copied, tmp_path / "snapshot.pt")
+    tied = state["wte.weight"].numel() * 4
+    difference = (tmp_path / "snapshot.pt").stat().st_size - (tmp_path / "direct.pt").stat().st_size
+    assert abs(difference) < tied / 10, "the tied weight is written once (only metadata differs)"
+    assert tensor_bytes(state) == sum(
+        t.numel() * t.element_size() for k, t in state.items() if k != "lm_head.weight"
     )
 
 

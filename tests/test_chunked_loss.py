@@ -61,6 +61,11 @@ def test_under_bf16_autocast_it_stays_within_bf16_noise() -> None:
     loss.backward()
     assert loss.dtype == torch.float32 and h.grad.dtype == torch.float32
     assert abs(loss.item() - reference.item()) / reference.item() < 1e-2
+    h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    _reference(h64, w64, targets, vocab).backward()
+    for got, expected in ((h.grad, h64.grad), (w.grad, w64.grad)):
+        error = (got.double() - expected).norm() / expected.norm()
+        assert error < 2e-2, f"gradient off by {error:.2e} (bf16 noise is ~1e-2)"
 
 
 def test_training_with_a_chunked_loss_follows_the_plain_one(

@@ -26,7 +26,6 @@ if TYPE_CHECKING:
 
 DEFAULT_TRAINING_CONFIG = "configs/training_configs/large_scale.yaml"
 GPT2_VOCAB = 50257
-DEFAULT_MEASURED_MFU = "bench/measured_mfu.json"
 
 
 @click.command("plan", context_settings={"help_option_names": ["-h", "--help"]})
@@ -64,9 +63,8 @@ DEFAULT_MEASURED_MFU = "bench/measured_mfu.json"
 @click.option(
     "--measured_mfu",
     type=click.Path(dir_okay=False),
-    default=DEFAULT_MEASURED_MFU,
-    show_default=True,
-    help="Measured MFU per GPU kind and model size.",
+    help="Measured MFU per GPU kind and model size [default: this checkout's "
+    "bench/measured_mfu.json].",
 )
 @click.option(
     "--time_margin",
@@ -93,7 +91,7 @@ def plan(
     tokens: str | None,
     gpu_kind: str,
     mfu: float | None,
-    measured_mfu: str,
+    measured_mfu: str | None,
     time_margin: float,
     cpus_per_gpu: int,
 ) -> int:
@@ -139,7 +137,7 @@ def plan(
             budget,
             gpu_kind,
             mfu,
-            Path(measured_mfu),
+            Path(measured_mfu) if measured_mfu else None,
             gpus,
             per_node,
             time_margin,
@@ -178,7 +176,7 @@ def _cost(
     tokens: int,
     gpu_kind: str,
     mfu: float | None,
-    measured_file: Path,
+    measured_file: Path | None,
     gpus: int,
     gpus_per_node: int,
     margin: float,
@@ -198,7 +196,8 @@ def _cost(
         mfu_from = "(--mfu)"
     else:
         parameters = count_parameters(model, vocab_size)  # what the memory table reports
-        entry = nearest_measured(load_measured_mfu(measured_file), gpu_kind, parameters)
+        measured = load_measured_mfu(measured_file) if measured_file else load_measured_mfu()
+        entry = nearest_measured(measured, gpu_kind, parameters)
         mfu, mfu_from = entry.mfu, explain_measured(entry, parameters)
     cost = estimate_cost(model, vocab_size, seq_len, tokens, gpu_kind, gpus, mfu)
     return cost, slurm_request(cost, gpus_per_node, cpus_per_gpu, margin), mfu_from

@@ -28,11 +28,13 @@ from pipeline.errors import ConfigError
 from pipeline.model import flops_per_token
 from pipeline.training.throughput import PEAK_TFLOPS
 
-MEASURED_MFU_FILE = Path("bench/measured_mfu.json")
+MEASURED_MFU_FILE = Path(__file__).resolve().parents[2] / "bench" / "measured_mfu.json"
+"""The checkout's own file, wherever `gpt3 plan` runs from."""
 DEFAULT_TIME_MARGIN = 0.2
 """Extra time on top of the estimate: a job killed at its limit loses the work since its last
 checkpoint, while a longer limit only waits a little longer in the queue. The measured MFU
-leaves out start-up, compilation, evaluation and checkpoint writes."""
+includes evaluation, tracking and checkpoint stalls (bench/train.py averages whole log
+intervals) but leaves out start-up, compilation and restarts after a failure."""
 DEFAULT_CPUS_PER_GPU = 8
 """Data loading reads memory-mapped tokens and needs few cores; 8 per GPU fits common nodes."""
 EXTRAPOLATION_FACTOR = 2.0

@@ -124,10 +124,18 @@ class SingleDevice:
         if self.writer is not None and trainer.parts.device.type == "cuda":
             self.writer.preallocate(trainer.state_dict())
 
-    def flush_checkpoints(self) -> None:
-        """Wait until the checkpoint being written in the background is on disk."""
-        if self.writer is not None:
-            self.writer.wait()
+    def flush_checkpoints(self, collective: bool = True) -> None:
+        """Wait until the checkpoint being written in the background is on disk.
+
+        Collective by default: a failed write on rank 0 ends every rank with the same error
+        (exit code 2 for a `CheckpointError`). `collective=False` only waits here, for a rank
+        that is already failing and must not block in a collective on its way out.
+        """
+        if not collective:
+            if self.writer is not None:
+                self.writer.wait()
+            return
+        self.main_only(lambda: self.writer.wait() if self.writer is not None else None)
 
     def load(self, trainer: Trainer, which: str | Path) -> Path:
         """Rank 0 resolves `which` (e.g. `latest`) to one file; every rank then loads that file."""

@@ -222,6 +222,8 @@ def render_script(
         'resume $resume"',
         *launch,
         "launcher_pid=$!",
+        "# a warning that came before the launcher started is passed on now",
+        f'if [ "$stop" -eq 1 ]; then kill -USR1 {signal_target} 2>/dev/null; fi',
         'while kill -0 "$launcher_pid" 2>/dev/null; do',
         '  wait "$launcher_pid"  # a trap ends the wait early: wait again',
         "done",

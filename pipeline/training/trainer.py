@@ -285,9 +285,15 @@ class Trainer:
         result = TrainResult(progress=self.progress, preempted=False)
         try:
             self._loop(tracker, reporter, result)
-        finally:
+        except BaseException:
             reporter.close()
-            self.strategy.flush_checkpoints()
+            try:  # keep the checkpoint being written; report, not mask, the error in flight
+                self.strategy.flush_checkpoints(collective=False)
+            except Exception as exc:
+                logger.error("the checkpoint being written when training failed is lost: %s", exc)
+            raise
+        reporter.close()
+        self.strategy.flush_checkpoints()
         result.progress = self.progress
         return result
 
