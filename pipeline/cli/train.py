@@ -162,56 +162,29 @@ def config_from_flags(
     help="Override any config key, e.g. --set training.lr=3e-4 (repeatable).",
 )
 def train(
-    params_file: str | None,
-    model_config: str | None,
-    model_size: str | None,
-    training_config: str | None,
-    seed: int | None,
-    output_dir: str | None,
-    precision: str | None,
-    fp16: bool,
-    bf16: bool,
-    gradient_checkpointing: bool | None,
-    compile_model: bool | None,
-    max_steps: int | None,
     resume_from_checkpoint: str | None,
-    distributed_backend: str | None,
-    num_nodes: int | None,
-    gpus_per_node: int | None,
     node_rank: int | None,
     master_addr: str | None,
     master_port: int | None,
-    deepspeed_config: str | None,
     local_rank: int | None,
-    sets: tuple[str, ...],
+    **flags: Any,
 ) -> int:
     """Train a GPT model (resumable; see the module docstring for precedence)."""
-    config = config_from_flags(
-        params_file=params_file,
-        model_config=model_config,
-        model_size=model_size,
-        training_config=training_config,
-        seed=seed,
-        output_dir=output_dir,
-        precision=precision,
-        fp16=fp16,
-        bf16=bf16,
-        gradient_checkpointing=gradient_checkpointing,
-        compile_model=compile_model,
-        max_steps=max_steps,
-        distributed_backend=distributed_backend,
-        num_nodes=num_nodes,
-        gpus_per_node=gpus_per_node,
-        deepspeed_config=deepspeed_config,
-        sets=sets,
-    )
+    config = config_from_flags(**flags)  # every other flag is a config flag
     from pipeline.distributed.environment import LaunchFlags  # heavy imports after validation
     from pipeline.distributed.launch import submits_slurm_job
     from pipeline.distributed.session import plan_launch, training_strategy
 
     launch = plan_launch(
         config,
-        LaunchFlags(num_nodes, gpus_per_node, node_rank, master_addr, master_port, local_rank),
+        LaunchFlags(
+            flags["num_nodes"],
+            flags["gpus_per_node"],
+            node_rank,
+            master_addr,
+            master_port,
+            local_rank,
+        ),
         sys.argv,
     )
     if submits_slurm_job(config.distributed, launch.env):  # launcher slurm, outside the job
