@@ -17,14 +17,14 @@ from pipeline.data.prepared import META_FILE
 from pipeline.errors import DataError
 
 
-def check_target(target: Path) -> None:
+def check_target(target: Path, marker: str = META_FILE) -> None:
     """Refuse to replace anything that is not earlier prepared data (e.g. `data/` itself)."""
     if target.exists() and not target.is_dir():
         raise DataError(f"data.prepared_dir: {target} exists and is not a folder")
-    if target.is_dir() and any(target.iterdir()) and not (target / META_FILE).is_file():
+    if target.is_dir() and any(target.iterdir()) and not (target / marker).is_file():
         raise DataError(
-            f"data.prepared_dir: {target} holds files but no {META_FILE}; refusing to replace a "
-            "folder that is not prepared data (empty it or choose another data.prepared_dir)"
+            f"{target} holds files but no {marker}; refusing to replace a folder that is not "
+            "prepared data (empty it or choose another data.prepared_dir / data.tokenizer_dir)"
         )
 
 

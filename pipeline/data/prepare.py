@@ -1,119 +1,136 @@
-"""The prepare stage: documents -> seeded train/val split -> tokenizer -> flat token files.
+"""The prepare stage: inputs -> seeded train/val split -> tokenizer -> token shards + meta.json.
 
-`prepare_data` checks everything first (config, inputs, tokenizer availability, the output
-folder), then writes `train.bin`, `val.bin`, `meta.json` and the tokenizer file into a
-temporary sibling folder and swaps it into `data.prepared_dir` by rename. An interrupted or
-failed run therefore leaves the previous outputs as they were. The same inputs, seed and
-settings give byte-identical outputs, whatever `num_workers`.
+Streaming, in bounded memory, whatever the corpus size. A source's inputs are cut into tasks
+(`pipeline.data.inputs`), and three passes run over them on any number of workers or machines
+(`pipeline.data.phases`, `pipeline.data.executors`):
+1. scan: every document's seeded keys, to choose the validation documents (round(n * f) with
+   the smallest keys, as before) and the tokenizer's sample (the train documents with the
+   smallest sample keys up to `data.tokenizer_sample_bytes`);
+2. sample: the BPE learns from those documents, streamed in corpus order (trained BPE only);
+3. encode: each task writes its documents' ids into the next token shards of its split.
+Same inputs, seed and settings give byte-identical outputs whatever `num_workers`, `executor`
+or the number of machines.
 
-Later stages read the result through `load_meta` and `open_tokens` (and
-`pipeline.data.tokenizer.load_tokenizer`), which turn a missing or damaged folder into a
-`DataError` that says what to do.
+Outputs are written into a temporary sibling folder and swapped into place by rename, so a
+failed or interrupted run leaves the previous outputs as they were.
 
-This module is the stage and the public face of the modules behind it:
-`pipeline.data.prepared` (the meta.json schema and the readers),
-`pipeline.data.prepared_writer` (tokenizing into the token files and writing meta.json) and
-`pipeline.data.atomic_swap` (putting the finished folder in place). Import from here.
+One source is prepared into `data.prepared_dir` (tokenizer inside). A mixture's tokenizer is
+built once from a sample of every source into `data.tokenizer_dir`, then each source into
+`data.prepared_dir/<name>` with a copy of it: the DVC pipeline runs these as separate stages
+(`--tokenizer_only`, then `--source NAME` per source), so changing one source's inputs
+re-prepares that source alone.
+
+Later stages read the result through `load_meta` and `open_stream`/`open_tokens` (and
+`pipeline.data.tokenizer.load_tokenizer`). This module is the stage and the public face of
+the modules behind it; import from here.
 """
 
 from __future__ import annotations
 
-import hashlib
+import json
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.config.schema import Config
+import numpy as np
+from tqdm import tqdm
+
+from pipeline.config.schema import Config, DataConfig
 from pipeline.data.atomic_swap import check_target, recover_stale_siblings, swap_into_place
-from pipeline.data.corpus import Document, read_corpus
+from pipeline.data.doc_keys import KeyChunk, iter_positions, smallest_within, val_count
+from pipeline.data.executors import run_phase
+from pipeline.data.inputs import InputFile, Task, plan_tasks, source_inputs
+from pipeline.data.phases import (
+    Cuts,
+    PhaseJob,
+    read_encode_result,
+    read_keys,
+    read_sample,
+    read_scan_summary,
+)
 from pipeline.data.prepared import (
     FORMAT_VERSION,
     META_FILE,
     SPLITS,
     InputMeta,
     PreparedMeta,
+    SampleMeta,
+    ShardMeta,
     Split,
     SplitMeta,
     TokenizerMeta,
     data_hash,
+    dtype_name,
     load_meta,
+    open_stream,
     open_tokens,
     token_dtype,
     verify_prepared,
 )
-from pipeline.data.prepared_writer import (
-    MAX_BATCH_BYTES,
-    MIN_BATCH_BYTES,
-    TASKS_PER_WORKER,
-    encode_documents,
-    write_prepared,
-)
-from pipeline.data.tokenizer import tokenizer_kind
+from pipeline.data.sources import SourceSpec, data_sources, find_source, tokenizer_folder
+from pipeline.data.tokenizer import Tokenizer, open_tokenizer, tokenizer_kind
 from pipeline.errors import DataError
-from pipeline.hashing import file_sha256 as sha256_file
+from pipeline.hashing import file_sha256
 
 __all__ = [
     "FORMAT_VERSION",
-    "MAX_BATCH_BYTES",
     "META_FILE",
-    "MIN_BATCH_BYTES",
     "SPLITS",
-    "TASKS_PER_WORKER",
-    "InputMeta",
     "PrepareSummary",
     "PreparedMeta",
     "Split",
     "SplitMeta",
-    "TokenizerMeta",
-    "data_hash",
-    "encode_documents",
     "load_meta",
+    "open_stream",
     "open_tokens",
     "prepare_data",
-    "sha256_file",
-    "split_documents",
     "token_dtype",
     "verify_prepared",
 ]
 
-
-# --------------------------------------------------------------------------- splitting
-
-
-def split_documents(
-    documents: Sequence[Document], seed: int, val_fraction: float
-) -> tuple[list[int], list[int]]:
-    """Indices of the train and val documents, each list in corpus order.
-
-    Documents are ranked by sha256(seed, document hash), so the split depends only on the seed
-    and the texts, not on paths, file order or the Python version; the first
-    round(n * val_fraction) go to val, with at least one document on each side.
-    """
-    n = len(documents)
-    if n < 2:
-        raise DataError(
-            f"the corpus has {n} document; a split by document needs at least 2 (one train, "
-            "one val): add documents, or split the text into several .txt files or jsonl lines"
-        )
-    n_val = min(n - 1, max(1, int(n * val_fraction + 0.5)))
-    salt = f"{seed}:".encode()
-    ranked = sorted(
-        range(n), key=lambda i: (hashlib.sha256(salt + documents[i].sha256.encode()).digest(), i)
-    )
-    val = set(ranked[:n_val])
-    return [i for i in range(n) if i not in val], sorted(val)
+TOKENIZER_META = "tokenizer_meta.json"
+"""A mixture's shared tokenizer folder: which tokenizer, and what it learned from."""
 
 
-# --------------------------------------------------------------------------- the stage
+@dataclass(frozen=True)
+class ScannedSource:
+    """A source after the scan pass: its tasks, documents and validation cut."""
+
+    spec: SourceSpec
+    inputs: tuple[InputFile, ...]
+    tasks: tuple[Task, ...]
+    work_dir: Path
+    counts: tuple[int, ...]
+    empty: int
+    input_sha256: dict[int, str]
+    cuts: Cuts
+
+    @property
+    def documents(self) -> int:
+        return sum(self.counts)
+
+    def chunks(self, weights: str, offset: int = 0) -> Iterator[KeyChunk]:
+        """Key chunks per task: weight 1 per document (`count`) or train bytes (`train_bytes`)."""
+        from pipeline.data.doc_keys import chosen
+
+        for rank, start in enumerate(self.cuts.positions):
+            keys = read_keys(self.work_dir, rank)
+            positions = np.arange(len(keys), dtype=np.uint64) + np.uint64(start)
+            if weights == "count":
+                yield KeyChunk(keys["split"], positions, np.ones(len(keys), dtype=np.int64))
+                continue
+            train = ~chosen(keys["split"], positions, self.cuts.val)
+            sample_weights = np.where(train, keys["bytes"].astype(np.int64), 0)
+            yield KeyChunk(keys["sample"], positions + np.uint64(offset), sample_weights)
 
 
 @dataclass(frozen=True)
 class PrepareSummary:
-    """What `prepare_data` did, for the closing line and for callers (bench, tests)."""
+    """What preparing one source did, for the closing line and for callers (bench, tests)."""
 
     prepared_dir: Path
     meta: PreparedMeta
@@ -139,36 +156,342 @@ class PrepareSummary:
         """One summary line: documents, tokens, throughput, where and which data."""
         train, val = self.meta.splits["train"], self.meta.splits["val"]
         skipped = self.meta.empty_documents_skipped
+        shards = sum(len(s.shards) for s in self.meta.splits.values())
         return (
-            f"prepared {self.documents} documents (train {train.documents}, val {val.documents})"
-            f", {self.tokens:,} tokens (train {train.tokens:,}, val {val.tokens:,}) from "
-            f"{self.text_bytes / 1e6:.2f} MB of text in {self.seconds:.1f} s "
-            f"({self.mb_per_s:.2f} MB/s); {self.meta.tokenizer.kind} vocab {self.meta.vocab_size}"
-            f" {self.meta.dtype} -> {self.prepared_dir} [data_hash {self.meta.data_hash[:12]}]"
+            f"prepared {self.meta.source}: {self.documents} documents (train {train.documents}, "
+            f"val {val.documents}), {self.tokens:,} tokens (train {train.tokens:,}, val "
+            f"{val.tokens:,}) in {shards} shard(s) from {self.text_bytes / 1e6:.2f} MB of text "
+            f"in {self.seconds:.1f} s ({self.mb_per_s:.2f} MB/s); {self.meta.tokenizer.kind} "
+            f"vocab {self.meta.vocab_size} {self.meta.dtype} -> {self.prepared_dir} "
+            f"[data_hash {self.meta.data_hash[:12]}]"
             + (f"; {skipped} empty documents skipped" if skipped else "")
         )
 
 
-def prepare_data(config: Config, progress: bool = True) -> PrepareSummary:
-    """Run the prepare stage for `config`; see the module docstring for the guarantees."""
-    started = time.perf_counter()
+# --------------------------------------------------------------------------- passes
+
+
+def _bar(total: int, desc: str, progress: bool) -> tqdm:
+    return tqdm(total=total, unit="task", desc=desc, disable=not progress)
+
+
+def _scan(config: Config, spec: SourceSpec, work_root: Path, progress: bool) -> ScannedSource:
     data = config.data
-    target = Path(data.prepared_dir).absolute()
+    inputs = tuple(source_inputs(spec))
+    tasks = tuple(plan_tasks(inputs, data.task_bytes))
+    work = work_root / spec.name
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    job = PhaseJob("scan", tasks, inputs, spec.text_field, config.seed, str(work))
+    with _bar(len(tasks), f"scan {spec.name}", progress) as bar:
+        run_phase(job, data, config.slurm, on_done=lambda _: bar.update())
+    summaries = [read_scan_summary(work, rank) for rank in range(len(tasks))]
+    counts = tuple(s["documents"] for s in summaries)
+    total = sum(counts)
+    if total < 2:
+        raise DataError(
+            f"source {spec.name!r} has {total} document; a split by document needs at least 2 "
+            "(one train, one val): add documents, or split the text into several .txt files "
+            "or jsonl lines"
+        )
+    hashes = {int(k): v for s in summaries for k, v in s["input_sha256"].items()}
+    positions = tuple(iter_positions(counts))
+    scanned = ScannedSource(
+        spec,
+        inputs,
+        tasks,
+        work,
+        counts,
+        sum(s["empty"] for s in summaries),
+        hashes,
+        Cuts(positions, (0, -1), None),
+    )
+    cut = smallest_within(lambda: scanned.chunks("count"), val_count(total, data.val_fraction))
+    return _with_cuts(scanned, Cuts(positions, cut, None))
 
-    # Everything that can be wrong with the inputs is found before anything is written.
-    check_target(target)
-    kind = tokenizer_kind(data.tokenizer)
-    corpus = read_corpus(data)
-    split = split_documents(corpus.documents, config.seed, data.val_fraction)
-    build = kind.plan(data)
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    recover_stale_siblings(target)
-    folder = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
+def _with_cuts(scanned: ScannedSource, cuts: Cuts) -> ScannedSource:
+    return ScannedSource(
+        scanned.spec,
+        scanned.inputs,
+        scanned.tasks,
+        scanned.work_dir,
+        scanned.counts,
+        scanned.empty,
+        scanned.input_sha256,
+        cuts,
+    )
+
+
+SOURCE_OFFSET_BITS = 48
+"""Sample positions across a mixture: source index above this bit, corpus position below."""
+
+
+def _build_tokenizer(
+    config: Config, scanned: list[ScannedSource], folder: Path, progress: bool
+) -> tuple[Tokenizer, SampleMeta | None]:
+    """The tokenizer in `folder`: GPT-2's file copied, or a BPE trained on the sample."""
+    data = config.data
+    build = tokenizer_kind(data.tokenizer).plan(data)
+    if data.tokenizer != "bpe":
+        return build([], folder, progress), None
+
+    def all_chunks() -> Iterator[KeyChunk]:
+        for index, source in enumerate(scanned):
+            yield from source.chunks("train_bytes", index << SOURCE_OFFSET_BITS)
+
+    cut = smallest_within(all_chunks, data.tokenizer_sample_bytes)
+    sampled = []
+    for index, source in enumerate(scanned):
+        cuts = Cuts(source.cuts.positions, source.cuts.val, cut, index << SOURCE_OFFSET_BITS)
+        source = _with_cuts(source, cuts)
+        job = _job(source, config, "sample")
+        with _bar(len(source.tasks), f"sample {source.spec.name}", progress) as bar:
+            run_phase(job, data, config.slurm, on_done=lambda _: bar.update())
+        sampled.append(source)
+
+    stats = {"documents": 0, "text_bytes": 0}
+
+    def texts() -> Iterator[str]:
+        for source in sampled:
+            for text in read_sample(source.work_dir, len(source.tasks)):
+                stats["documents"] += 1
+                stats["text_bytes"] += len(text.encode("utf-8"))
+                yield text
+
+    tokenizer = build(texts(), folder, progress)  # type: ignore[arg-type]
+    return tokenizer, SampleMeta(limit_bytes=data.tokenizer_sample_bytes, **stats)
+
+
+def _job(source: ScannedSource, config: Config, phase: str, **extra: object) -> PhaseJob:
+    return PhaseJob(
+        phase,
+        source.tasks,
+        source.inputs,
+        source.spec.text_field,
+        config.seed,
+        str(source.work_dir),
+        cuts=source.cuts,
+        **extra,  # type: ignore[arg-type]
+    )
+
+
+def _encode(
+    config: Config,
+    source: ScannedSource,
+    tokenizer: Tokenizer,
+    sample: SampleMeta | None,
+    folder: Path,
+    progress: bool,
+) -> PreparedMeta:
+    """Tokenize `source` into `folder` (which holds the tokenizer file) and write meta.json."""
+    data = config.data
+    dtype = token_dtype(tokenizer.vocab_size)
+    job = _job(
+        source,
+        config,
+        "encode",
+        tokenizer_kind=tokenizer.kind,
+        tokenizer_dir=str(tokenizer.file.parent),
+        out_dir=str(folder),
+        dtype=dtype.str,
+        shard_max_tokens=max(1, data.shard_max_bytes // dtype.itemsize),
+    )
+    with _bar(len(source.tasks), f"encode {source.spec.name}", progress) as bar:
+        run_phase(job, data, config.slurm, on_done=lambda _: bar.update())
+    results = [read_encode_result(source.work_dir, r) for r in range(len(source.tasks))]
+    outputs = {tokenizer.file.name: file_sha256(tokenizer.file)}
+    splits: dict[Split, SplitMeta] = {}
+    for split in SPLITS:
+        shards = [shard for result in results for shard in result[split]["shards"]]
+        outputs.update({shard["file"]: shard["sha256"] for shard in shards})
+        splits[split] = SplitMeta(
+            shards=[ShardMeta(file=s["file"], tokens=s["tokens"]) for s in shards],
+            documents=sum(r[split]["documents"] for r in results),
+            tokens=sum(s["tokens"] for s in shards),
+            text_bytes=sum(r[split]["text_bytes"] for r in results),
+        )
+    meta = PreparedMeta(
+        data_hash=data_hash(
+            dtype_name(dtype), tokenizer.vocab_size, tokenizer.eot_id, tokenizer.kind, outputs
+        ),
+        vocab_size=tokenizer.vocab_size,
+        dtype=dtype_name(dtype),
+        eot_id=tokenizer.eot_id,
+        tokenizer=TokenizerMeta(
+            kind=tokenizer.kind,
+            file=tokenizer.file.name,
+            vocab_size_requested=data.vocab_size if tokenizer.kind == "bpe" else None,
+        ),
+        seed=config.seed,
+        val_fraction=data.val_fraction,
+        source=source.spec.name,
+        splits=splits,
+        empty_documents_skipped=source.empty,
+        inputs=[
+            InputMeta(path=item.display, sha256=source.input_sha256[i], bytes=item.bytes)
+            for i, item in enumerate(source.inputs)
+        ],
+        outputs=outputs,
+        tokenizer_sample=sample,
+        task_bytes=data.task_bytes,
+    )
+    _write_json(folder / META_FILE, meta.model_dump_json(indent=2))
+    return meta
+
+
+def _write_json(path: Path, text: str) -> None:
+    with path.open("w", encoding="utf-8") as handle:
+        handle.write(text + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+# --------------------------------------------------------------------------- folders
+
+
+class _Staging:
+    """A temporary sibling of `target` that becomes `target` on success."""
+
+    def __init__(self, target: Path, marker: str = META_FILE) -> None:
+        self.target = target.absolute()
+        check_target(self.target, marker)
+
+    def __enter__(self) -> Path:
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        recover_stale_siblings(self.target)
+        name = f".{self.target.name}.tmp-{os.getpid()}-"
+        self.folder = Path(tempfile.mkdtemp(prefix=name, dir=self.target.parent))
+        self.folder.chmod(0o755)  # mkdtemp makes it private; the outputs are ordinary data
+        return self.folder
+
+    def commit(self) -> None:
+        swap_into_place(self.folder, self.target)
+
+    def __exit__(self, *exc: object) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)  # gone already after a commit
+
+
+def _shared_tokenizer(data: DataConfig) -> tuple[Tokenizer, SampleMeta | None]:
+    """A mixture's tokenizer, built earlier by `--tokenizer_only`."""
+    folder = tokenizer_folder(data)
+    meta_file = folder / TOKENIZER_META
+    if not meta_file.is_file():
+        raise DataError(
+            f"{folder}: no shared tokenizer; run `gpt3 prepare --tokenizer_only` (the DVC stage "
+            "`tokenizer`) before preparing single sources"
+        )
+    record = json.loads(meta_file.read_text())
+    if record.get("kind") != data.tokenizer:
+        raise DataError(
+            f"{folder}: holds a {record.get('kind')} tokenizer but data.tokenizer is "
+            f"{data.tokenizer}; run `gpt3 prepare --tokenizer_only` again"
+        )
+    tokenizer = open_tokenizer(record["kind"], folder)
+    if file_sha256(tokenizer.file) != record.get("sha256"):
+        raise DataError(f"{tokenizer.file}: differs from {meta_file}; prepare the tokenizer again")
+    sample = record.get("sample")
+    return tokenizer, SampleMeta(**sample) if sample else None
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def prepare_data(
+    config: Config,
+    progress: bool = True,
+    source: str | None = None,
+    tokenizer_only: bool = False,
+) -> list[PrepareSummary]:
+    """Run the prepare stage for `config`; see the module docstring for the guarantees.
+
+    One source: everything in one go. A mixture: the shared tokenizer, then every source;
+    `tokenizer_only` stops after the tokenizer, `source` prepares that one source with the
+    tokenizer built before.
+    """
+    data = config.data
+    work_root = Path(data.work_dir) / f"run-{os.getpid()}"
+    tokenizer_kind(data.tokenizer).plan(data)  # settings and files checked before any work
     try:
-        folder.chmod(0o755)  # mkdtemp makes it private; the outputs are ordinary data
-        meta = write_prepared(folder, corpus, split, build, config, progress)
-        swap_into_place(folder, target)
+        if not data.sources:
+            return [_prepare_single(config, data_sources(data)[0], work_root, progress)]
+        if source is not None:
+            return [_prepare_one_of_mixture(config, find_source(data, source), work_root, progress)]
+        return _prepare_mixture(config, work_root, progress, tokenizer_only)
     finally:
-        shutil.rmtree(folder, ignore_errors=True)  # gone already after a successful swap
-    return PrepareSummary(Path(data.prepared_dir), meta, time.perf_counter() - started)
+        shutil.rmtree(work_root, ignore_errors=True)
+        if Path(data.work_dir).is_dir() and not any(Path(data.work_dir).iterdir()):
+            Path(data.work_dir).rmdir()
+
+
+def _prepare_single(
+    config: Config, spec: SourceSpec, work_root: Path, progress: bool
+) -> PrepareSummary:
+    started = time.perf_counter()
+    staging = _Staging(spec.folder)
+    scanned = _scan(config, spec, work_root, progress)
+    with staging as folder:
+        tokenizer, sample = _build_tokenizer(config, [scanned], folder, progress)
+        meta = _encode(config, scanned, tokenizer, sample, folder, progress)
+        staging.commit()
+    return PrepareSummary(spec.folder, meta, time.perf_counter() - started)
+
+
+def _prepare_mixture(
+    config: Config, work_root: Path, progress: bool, tokenizer_only: bool
+) -> list[PrepareSummary]:
+    data = config.data
+    specs = data_sources(data)
+    stagings = [] if tokenizer_only else [_Staging(spec.folder) for spec in specs]
+    tokenizer_staging = _Staging(tokenizer_folder(data), TOKENIZER_META)
+    scanned = [_scan(config, spec, work_root, progress) for spec in specs]
+    with tokenizer_staging as folder:
+        tokenizer, sample = _build_tokenizer(config, scanned, folder, progress)
+        record = {
+            "kind": tokenizer.kind,
+            "file": tokenizer.file.name,
+            "sha256": file_sha256(tokenizer.file),
+            "vocab_size": tokenizer.vocab_size,
+            "eot_id": tokenizer.eot_id,
+            "seed": config.seed,
+            "sources": [spec.name for spec in specs],
+            "sample": sample.model_dump() if sample else None,
+        }
+        _write_json(folder / TOKENIZER_META, json.dumps(record, indent=2))
+        tokenizer_staging.commit()
+    if tokenizer_only:
+        return []
+    shared, sample = _shared_tokenizer(data)
+    summaries = []
+    for source, staging in zip(scanned, stagings, strict=True):
+        started = time.perf_counter()
+        summaries.append(_encode_into(config, source, shared, sample, staging, progress, started))
+    return summaries
+
+
+def _prepare_one_of_mixture(
+    config: Config, spec: SourceSpec, work_root: Path, progress: bool
+) -> PrepareSummary:
+    started = time.perf_counter()
+    staging = _Staging(spec.folder)
+    shared, sample = _shared_tokenizer(config.data)
+    scanned = _scan(config, spec, work_root, progress)
+    return _encode_into(config, scanned, shared, sample, staging, progress, started)
+
+
+def _encode_into(
+    config: Config,
+    source: ScannedSource,
+    shared: Tokenizer,
+    sample: SampleMeta | None,
+    staging: _Staging,
+    progress: bool,
+    started: float,
+) -> PrepareSummary:
+    with staging as folder:
+        copy = folder / shared.file.name
+        shutil.copyfile(shared.file, copy)
+        tokenizer = open_tokenizer(shared.kind, folder)
+        meta = _encode(config, source, tokenizer, sample, folder, progress)
+        staging.commit()
+    return PrepareSummary(source.spec.folder, meta, time.perf_counter() - started)

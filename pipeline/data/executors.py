@@ -1,0 +1,183 @@
+"""Run one pass's tasks: here in a process pool, or through DataTrove locally or on SLURM.
+
+The work itself (`PhaseJob`) is the same whichever runs it, and every task writes its own
+files, so the result does not depend on the executor, the number of workers or machines.
+DataTrove brings what a week-long corpus job needs and this project should not rebuild:
+SLURM array jobs, per-task logs and completion markers (a crashed or cancelled prepare run
+again with `executor: datatrove*` skips the tasks already done).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pipeline.config.schema import DataConfig
+from pipeline.config.schema_cluster import SlurmConfig
+from pipeline.data.phases import ERRORS, PhaseJob
+from pipeline.errors import ConfigError, DataError
+
+
+def run_phase(
+    job: PhaseJob,
+    data: DataConfig,
+    slurm: SlurmConfig,
+    on_done: Callable[[int], None] | None = None,
+) -> None:
+    """Run every task of `job`; the first task's bad-input error is raised as a DataError."""
+    count = len(job.tasks)
+    try:
+        if data.executor == "local":
+            _run_local(job, count, data.num_workers, on_done)
+        elif data.executor == "datatrove":
+            _run_datatrove_local(job, count, data.num_workers)
+        else:
+            _run_datatrove_slurm(job, count, data.num_workers, slurm)
+    except DataError:
+        raise
+    except Exception as exc:
+        _raise_task_error(job)
+        raise DataError(
+            f"prepare: a {job.phase} task failed ({type(exc).__name__}: {exc}); logs are under "
+            f"{Path(job.work_dir) / 'logs'}"
+        ) from exc
+    _raise_task_error(job)
+    missing = [r for r in range(count) if not _done_marker(job, r)]
+    if missing:
+        raise DataError(
+            f"prepare: {len(missing)} of {count} {job.phase} tasks did not finish (first: task "
+            f"{missing[0]}); logs are under {Path(job.work_dir) / 'logs'}"
+        )
+
+
+def _done_marker(job: PhaseJob, rank: int) -> bool:
+    suffix = {"scan": ".json", "sample": ".bin", "encode": ".json"}[job.phase]
+    return job.path(job.phase, rank, suffix).is_file()
+
+
+def _raise_task_error(job: PhaseJob) -> None:
+    folder = Path(job.work_dir) / ERRORS
+    found = sorted(folder.glob(f"{job.phase}-*.txt")) if folder.is_dir() else []
+    if found:
+        raise DataError(found[0].read_text())
+
+
+def _run_local(
+    job: PhaseJob, count: int, workers: int, on_done: Callable[[int], None] | None
+) -> None:
+    """In this process for one worker; else spawned processes (HF tokenizers' threads and
+    fork do not mix)."""
+    if workers == 1 or count == 1:
+        for rank in range(count):
+            job(rank)
+            if on_done:
+                on_done(rank)
+        return
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(processes=min(workers, count)) as pool:
+        for rank in pool.imap(_RankRunner(job), range(count)):
+            if on_done:
+                on_done(rank)
+
+
+class _RankRunner:
+    """Calls the job and returns the rank (a pool needs a picklable callable)."""
+
+    def __init__(self, job: PhaseJob) -> None:
+        self.job = job
+
+    def __call__(self, rank: int) -> int:
+        self.job(rank)
+        return rank
+
+
+class DatatroveStep:
+    """A DataTrove pipeline step that runs task `rank` of our job (DataTrove calls steps as
+    `step(data, rank, world_size)`)."""
+
+    def __init__(self, job: PhaseJob) -> None:
+        self.job = job
+
+    def __call__(self, data: Any, rank: int = 0, world_size: int = 1) -> Any:
+        self.job(rank)
+        return data
+
+
+def _datatrove() -> Any:
+    try:
+        import datatrove.executor as executors
+    except ImportError:
+        raise ConfigError(
+            "data.executor: datatrove needs the package: pip install 'gpt3-pipeline[corpus]'"
+        ) from None
+    return executors
+
+
+def _logs(job: PhaseJob) -> str:
+    return str(Path(job.work_dir) / "logs" / job.phase)
+
+
+def _run_datatrove_local(job: PhaseJob, count: int, workers: int) -> None:
+    executors = _datatrove()
+    executor = executors.LocalPipelineExecutor(
+        pipeline=[DatatroveStep(job)],
+        tasks=count,
+        workers=min(workers, count),
+        logging_dir=_logs(job),
+        start_method="spawn",
+    )
+    executor.run()
+
+
+def _run_datatrove_slurm(job: PhaseJob, count: int, workers: int, slurm: SlurmConfig) -> None:
+    """One SLURM array job per pass; waits for it with `sbatch --wait` on a job that depends
+    on it, so nothing here polls."""
+    executors = _datatrove()
+
+    class Executor(executors.SlurmPipelineExecutor):  # type: ignore[misc,name-defined]
+        def launch_merge_stats(self) -> None:
+            """DataTrove's stats summary job is not needed (and asks for 1 GB per CPU)."""
+
+        def get_sbatch_args(self, max_array: int = 1) -> dict:
+            """Without the options left unset: DataTrove writes `--partition` with no value."""
+            args = super().get_sbatch_args(max_array)
+            return {k: v for k, v in args.items() if v not in (None, "") or k == "requeue"}
+
+    extra: dict[str, str] = {"mem-per-cpu": "256M"}
+    if slurm.account:
+        extra["account"] = slurm.account
+    executor = Executor(
+        pipeline=[DatatroveStep(job)],
+        tasks=count,
+        workers=workers,
+        time=slurm.time_limit or "24:00:00",
+        partition=slurm.partition or "",
+        cpus_per_task=1,
+        job_name=f"gpt3-prepare-{job.phase}",
+        logging_dir=_logs(job),
+        slurm_logs_folder=str(Path(_logs(job)) / "slurm"),
+        sbatch_args=extra,
+        env_command="true",
+        requeue=False,
+    )
+    executor.run()
+    if executor.job_id in (None, -1):  # every task was already done
+        return
+    subprocess.run(
+        [
+            "sbatch",
+            "--wait",
+            "--quiet",
+            f"--dependency=afterany:{executor.job_id}",
+            "--job-name=gpt3-prepare-wait",
+            "--mem-per-cpu=64M",
+            f"--output={Path(_logs(job)) / 'slurm' / 'wait.out'}",
+            *([f"--partition={slurm.partition}"] if slurm.partition else []),
+            *([f"--account={slurm.account}"] if slurm.account else []),
+            "--wrap=true",
+        ],
+        check=False,
+    )
