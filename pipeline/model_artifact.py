@@ -18,6 +18,7 @@ from safetensors.torch import load_model, save_model
 
 from pipeline.config.loader import dump_config
 from pipeline.config.schema import Config
+from pipeline.data.sources import primary_folder
 from pipeline.errors import CheckpointError
 from pipeline.model import GPT
 
@@ -35,7 +36,7 @@ def save_model_dir(model: GPT, config: Config, vocab_size: int, out_dir: Path) -
     resolved = config.model_copy(deep=True)
     resolved.model.vocab_size = vocab_size
     (tmp / CONFIG).write_text(dump_config(resolved))
-    prepared = Path(config.data.prepared_dir)
+    prepared = primary_folder(config.data)
     for item in prepared.iterdir():
         if item.is_file() and item.suffix != ".bin":
             shutil.copy2(item, tmp / item.name)

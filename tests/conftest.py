@@ -59,6 +59,7 @@ def prepared_dir(tmp_path_factory: pytest.TempPathFactory, small_corpus_dir: Pat
     config = load_config(
         params_file=REPO_ROOT / "params.yaml",
         overrides={
+            "data.sources": {},
             "data.source": "files",
             "data.inputs": [str(small_corpus_dir / "*.txt")],
             "data.vocab_size": 512,
@@ -75,6 +76,7 @@ def tiny_overrides(
 ) -> dict[str, object]:
     """Dotted overrides for a seconds-long CPU run of a 2-layer model on `prepared`."""
     values: dict[str, object] = {
+        "data.sources": {},  # one source: `prepared` is its folder
         "data.prepared_dir": str(prepared),
         "output_dir": str(run_dir),
         "model.n_layer": 2,

@@ -39,10 +39,13 @@ def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    """`base` with `update` laid over it, mappings merged key by key (neither is modified)."""
+    """`base` with `update` laid over it, mappings merged key by key (neither is modified).
+
+    An empty mapping replaces rather than merges: `data.sources: {}` means "no sources".
+    """
     merged = dict(base)
     for key, value in update.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+        if isinstance(value, dict) and value and isinstance(merged.get(key), dict):
             merged[key] = deep_merge(merged[key], value)
         else:
             merged[key] = value

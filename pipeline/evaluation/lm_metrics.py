@@ -123,3 +123,27 @@ def _score(logits: torch.Tensor, targets: torch.Tensor) -> tuple[float, int]:
     nll = F.cross_entropy(flat, targets.reshape(-1), reduction="none").double().sum()
     correct = (flat.argmax(dim=-1) == targets.reshape(-1)).sum()
     return float(nll), int(correct)
+
+
+def mixture_metrics(
+    per_source: dict[str, LMMetrics], weights: dict[str, float]
+) -> dict[str, float]:
+    """Validation metrics of one source as before; of a mixture, each source's under
+    `val_<name>_*` and the headline `val_*` as the weight-averaged loss, bits per byte and
+    accuracy (what the training mixture optimises), perplexity from that loss."""
+    if len(per_source) == 1:
+        return next(iter(per_source.values())).as_dict("val")
+    total = sum(weights[name] for name in per_source)
+    share = {name: weights[name] / total for name in per_source}
+    loss = sum(share[n] * m.loss for n, m in per_source.items())
+    metrics = {
+        "val_loss": loss,
+        "val_perplexity": math.exp(loss) if loss < 700 else math.inf,
+        "val_bits_per_byte": sum(share[n] * m.bits_per_byte for n, m in per_source.items()),
+        "val_accuracy": sum(share[n] * m.accuracy for n, m in per_source.items()),
+        "val_tokens": float(sum(m.tokens for m in per_source.values())),
+        "val_bytes": float(sum(m.text_bytes for m in per_source.values())),
+    }
+    for name, lm in per_source.items():
+        metrics.update(lm.as_dict(f"val_{name}"))
+    return metrics

@@ -28,6 +28,7 @@ import torch
 from pipeline.checkpoint import checkpoint_directory, load_latest, load_verified
 from pipeline.config.loader import read_yaml_mapping
 from pipeline.config.schema import Config, ModelConfig
+from pipeline.data.sources import primary_folder
 from pipeline.data.tokenizer import Tokenizer, load_tokenizer
 from pipeline.errors import CheckpointError, ConfigError, UserError
 from pipeline.evaluation import mlflow_source
@@ -113,11 +114,11 @@ def _from_checkpoint(state: dict, file: Path, device: str | torch.device) -> Loa
             f"{file}: weights do not fit the model it describes: {first}"
         ) from None
     try:
-        tokenizer = load_tokenizer(config.data.prepared_dir)
+        tokenizer = load_tokenizer(primary_folder(config.data))
     except UserError as exc:
         raise CheckpointError(
             f"{file}: the tokenizer comes from the prepared data the run used "
-            f"({config.data.prepared_dir}), which cannot be opened: {exc}"
+            f"({primary_folder(config.data)}), which cannot be opened: {exc}"
         ) from None
     _check_vocab(model, tokenizer, file)
     run_id = (state.get("tracking") or {}).get("run_id")
@@ -139,8 +140,10 @@ def _download_mlflow(uri: str, tracking_uri: str | None, download_dir: str | Pat
     local = mlflow_source.download(uri, tracking_uri, destination)
     found = find_model_dir(local)
     if found is None:
-        raise CheckpointError(f"{uri}: the downloaded artifacts hold no model folder "
-                              f"({WEIGHTS} beside {CONFIG}) under {local}")
+        raise CheckpointError(
+            f"{uri}: the downloaded artifacts hold no model folder "
+            f"({WEIGHTS} beside {CONFIG}) under {local}"
+        )
     return found
 
 

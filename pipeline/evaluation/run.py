@@ -16,10 +16,11 @@ import time
 from pathlib import Path
 
 from pipeline.config.schema import Config
-from pipeline.data.prepare import load_meta, open_tokens
+from pipeline.data.prepare import load_meta, open_stream
+from pipeline.data.sources import data_sources
 from pipeline.errors import DataError
 from pipeline.evaluation.benchmarks import load_examples, parse_benchmarks, run_benchmark
-from pipeline.evaluation.lm_metrics import evaluate_tokens
+from pipeline.evaluation.lm_metrics import LMMetrics, evaluate_tokens, mixture_metrics
 from pipeline.evaluation.model_source import LoadedModel, load_model
 from pipeline.evaluation.output import write_metrics
 from pipeline.evaluation.samples import generate_samples, write_samples
@@ -54,8 +55,9 @@ def evaluate_run(
     settings = config.evaluation
     benchmarks = parse_benchmarks(settings.benchmarks, settings.benchmark_dir)
     examples = {b.prefix: load_examples(b, settings.benchmark_limit) for b in benchmarks}
-    meta = load_meta(config.data.prepared_dir)
-    val = open_tokens(config.data.prepared_dir, "val", meta)
+    sources = data_sources(config.data)
+    metas = [load_meta(source.folder) for source in sources]
+    meta = metas[0]
 
     if isinstance(source, LoadedModel):
         loaded = source
@@ -66,7 +68,7 @@ def evaluate_run(
     device = next(model.parameters()).device
     if (meta.vocab_size, meta.eot_id) != (tokenizer.vocab_size, tokenizer.eot_id):
         raise DataError(
-            f"{config.data.prepared_dir}: its vocabulary ({meta.vocab_size} tokens, end-of-text "
+            f"{sources[0].folder}: its vocabulary ({meta.vocab_size} tokens, end-of-text "
             f"{meta.eot_id}) is not the model's ({tokenizer.vocab_size}, {tokenizer.eot_id} in "
             f"{loaded.source}); evaluate on data prepared with the model's tokenizer"
         )
@@ -74,18 +76,22 @@ def evaluate_run(
     n_ctx = model.config.n_ctx
     seq_len = min(loaded.config.seq_len, n_ctx)
 
-    started = time.perf_counter()
-    lm = evaluate_tokens(
-        model, val, seq_len, settings.batch_size, meta.splits["val"].text_bytes,
-        settings.max_tokens, autocast,
-    )
-    seconds = time.perf_counter() - started
-    logger.info(
-        "validation: loss %.4f, ppl %.2f, %.4f bits/byte, acc %.4f over %d tokens "
-        "(%.0f tokens/s)", lm.loss, lm.perplexity, lm.bits_per_byte, lm.accuracy, lm.tokens,
-        lm.tokens / max(seconds, 1e-9),
-    )
-    metrics = lm.as_dict("val")
+    per_source: dict[str, LMMetrics] = {}
+    for source, source_meta in zip(sources, metas, strict=True):
+        started = time.perf_counter()
+        lm = evaluate_tokens(
+            model, open_stream(source.folder, "val", source_meta), seq_len, settings.batch_size,
+            source_meta.splits["val"].text_bytes, settings.max_tokens, autocast,
+        )
+        seconds = time.perf_counter() - started
+        logger.info(
+            "validation%s: loss %.4f, ppl %.2f, %.4f bits/byte, acc %.4f over %d tokens "
+            "(%.0f tokens/s)", f" ({source.name})" if len(sources) > 1 else "", lm.loss,
+            lm.perplexity, lm.bits_per_byte, lm.accuracy, lm.tokens,
+            lm.tokens / max(seconds, 1e-9),
+        )
+        per_source[source.name] = lm
+    metrics = mixture_metrics(per_source, {s.name: s.weight for s in sources})
     for benchmark in benchmarks:
         started = time.perf_counter()
         result = run_benchmark(

@@ -211,14 +211,20 @@ class MlflowTracker:
 
 def run_files(config: Config) -> list[tuple[Path, str | None]]:
     """(file, artifact folder) of the run's records: configs, log, the data's meta.json."""
+    from pipeline.data.sources import data_sources
+
     run_dir = Path(config.run_dir)
+    sources = data_sources(config.data)
     candidates: list[tuple[str | None, str | None]] = [
         (str(run_dir / "resolved_config.yaml"), None),
         (config.model.config, "configs"),
         (config.training.config, "configs"),
         (config.distributed.deepspeed_config, "configs"),
         (str(run_dir / "logs" / "training.log"), "logs"),
-        (str(Path(config.data.prepared_dir) / "meta.json"), "data"),
+    ]
+    candidates += [
+        (str(source.folder / "meta.json"), f"data/{source.name}" if len(sources) > 1 else "data")
+        for source in sources
     ]
     return [(Path(p), where) for p, where in candidates if p and Path(p).is_file()]
 
@@ -231,15 +237,13 @@ def open_mlflow_tracker(config: Config, trainer: Any) -> MlflowTracker | None:
     """
     if not config.tracking.enabled or trainer.rank != 0:
         return None
-    from pipeline.data.prepare import load_meta
-
     world = trainer.world_size
     return MlflowTracker(
         config.tracking,
         run_name=run_name(config),
         tags=run_tags(
             config,
-            load_meta(config.data.prepared_dir).data_hash,
+            trainer.parts.data_hash,
             world,
             strategy_name(config, world),
         ),
