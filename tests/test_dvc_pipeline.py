@@ -80,7 +80,8 @@ def _mlflow_client(root: Path):
 
 def _unigram_entropy_nats(prepared: Path) -> float:
     meta = json.loads((prepared / "meta.json").read_text())
-    tokens = np.fromfile(prepared / "train.bin", dtype=meta["dtype"])
+    shards = [prepared / shard["file"] for shard in meta["splits"]["train"]["shards"]]
+    tokens = np.concatenate([np.fromfile(shard, dtype=meta["dtype"]) for shard in shards])
     counts = np.bincount(tokens, minlength=meta["vocab_size"]).astype(np.float64)
     p = counts[counts > 0] / counts.sum()
     return float(-(p * np.log(p)).sum())
@@ -90,8 +91,9 @@ def test_repro_then_experiment_then_noop(project: tuple[Path, dict[str, str]]) -
     root, env = project
     _run(["dvc", "repro"], root, env)
     for path in (
-        "data/prepared/train.bin",
-        "data/prepared/meta.json",
+        "data/tokenizer/tokenizer.json",
+        "data/prepared/main/train-00000-000.bin",
+        "data/prepared/main/meta.json",
         RUN / "model/model.safetensors",
         RUN / "checkpoints/latest_checkpoint.pt",
         RUN / "metrics/eval.json",
@@ -100,7 +102,7 @@ def test_repro_then_experiment_then_noop(project: tuple[Path, dict[str, str]]) -
     ):
         assert (root / path).is_file(), path
     evaluation = json.loads((root / RUN / "metrics/eval.json").read_text())
-    assert evaluation["val_loss"] < _unigram_entropy_nats(root / "data/prepared") - 0.3, (
+    assert evaluation["val_loss"] < _unigram_entropy_nats(root / "data/prepared/main") - 0.3, (
         "150 steps should already beat the unigram distribution"
     )
     client = _mlflow_client(root)
@@ -213,3 +215,58 @@ def test_a_colleague_pulls_instead_of_rerunning(project: tuple[Path, dict[str, s
     assert RUN.joinpath("metrics", "eval.json").as_posix() in pulled
     assert sorted(pulled) == sorted(shared)
     assert [name for name in shared if pulled[name] != shared[name]] == []
+
+
+def test_changing_one_source_re_prepares_that_source_only(tmp_path: Path) -> None:
+    """A two-source mixture whose BPE learns from `web`: new `books` inputs rerun
+    prepare@books, while the tokenizer's bytes and so prepare@web stay as they were; a weight
+    change reruns no prepare stage at all."""
+    root = tmp_path / "project"
+    for name in _project_files():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO_ROOT / name, root / name)
+    for source, plays in (("web", 3), ("books", 2)):
+        folder = root / "data" / "raw" / source
+        folder.mkdir(parents=True)
+        for number in range(plays):
+            text = f"{source} document {number}\n" + f"words of {source} {number} " * 400
+            (folder / f"{number}.txt").write_text(text)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["data"]["sources"] = {
+        name: {
+            "kind": "files",
+            "inputs": [f"data/raw/{name}/*.txt"],
+            "text_field": "text",
+            "weight": weight,
+        }
+        for name, weight in (("web", 0.7), ("books", 0.3))
+    }
+    params["data"].update(tokenizer_sources=["web"], vocab_size=300, val_fraction=0.34)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_TRACKING", "DVC_"))}
+    env.update(
+        PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        MLFLOW_DISABLE_TELEMETRY="true",
+        DVC_NO_ANALYTICS="1",
+    )
+    for command in (["git", "init", "-q"], ["dvc", "init", "-q"]):
+        _run(command, root, env)
+    stages = ["prepare@web", "prepare@books"]
+    first = _run(["dvc", "repro", *stages], root, env)
+    assert "Running stage 'prepare@web'" in first and "Running stage 'prepare@books'" in first
+    web_meta = (root / "data/prepared/web/meta.json").read_bytes()
+
+    (root / "data/raw/books/9.txt").write_text("a new book\n" + "new words " * 300)
+    params["data"]["sources"]["books"]["inputs"].append("data/raw/books/9.txt")
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    second = _run(["dvc", "repro", *stages], root, env)
+    assert "Running stage 'prepare@books'" in second, second
+    assert "Running stage 'prepare@web'" not in second, second
+    assert (root / "data/prepared/web/meta.json").read_bytes() == web_meta
+    books = json.loads((root / "data/prepared/books/meta.json").read_text())
+    assert books["splits"]["train"]["documents"] + books["splits"]["val"]["documents"] == 3
+
+    params["data"]["sources"]["books"]["weight"] = 0.5
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    third = _run(["dvc", "repro", *stages], root, env)
+    assert "Running stage 'prepare@" not in third, third

@@ -75,6 +75,10 @@ class DataConfig(Section):
     """`bpe`: a byte-level BPE trained on the train split; `gpt2`: GPT-2's BPE via tiktoken."""
     vocab_size: int = Field(default=4096, ge=257, le=1_000_000)
     """Vocabulary size of the trained BPE (ignored for `gpt2`, which has 50257)."""
+    tokenizer_sources: list[str] | None = None
+    """A mixture's sources the trained BPE learns from (None: all). Naming one keeps the
+    vocabulary, and so every other source's prepared data, unchanged when another source's
+    inputs change."""
     tokenizer_sample_bytes: int = Field(default=256 * 2**20, ge=1)
     """The BPE learns from a seeded sample of at most this many bytes of train documents, so
     its time and memory do not grow with the corpus (a smaller corpus is used whole)."""
@@ -120,6 +124,13 @@ class DataConfig(Section):
         if self.source == "files" and not self.inputs:
             raise CrossFieldError(
                 "empty, but data.source is 'files'; give globs of files", "inputs"
+            )
+        unknown = [n for n in self.tokenizer_sources or [] if n not in self.sources]
+        if unknown or self.tokenizer_sources == []:
+            raise CrossFieldError(
+                f"names no source of data.sources ({', '.join(self.sources) or 'none'}): "
+                f"{unknown or 'an empty list'}",
+                "tokenizer_sources",
             )
         bad = [name for name in self.sources if not re.match(SOURCE_NAME_PATTERN, name)]
         if bad:

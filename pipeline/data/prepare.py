@@ -444,9 +444,14 @@ def _prepare_mixture(
     specs = data_sources(data)
     stagings = [] if tokenizer_only else [_Staging(spec.folder) for spec in specs]
     tokenizer_staging = _Staging(tokenizer_folder(data), TOKENIZER_META)
-    scanned = [_scan(config, spec, work_root, progress) for spec in specs]
+    learn_from = data.tokenizer_sources or [spec.name for spec in specs]
+    if data.tokenizer != "bpe":
+        learn_from = []  # a fixed vocabulary learns from nothing
+    needed = [spec for spec in specs if spec.name in learn_from or not tokenizer_only]
+    scanned = [_scan(config, spec, work_root, progress) for spec in needed]
     with tokenizer_staging as folder:
-        tokenizer, sample = _build_tokenizer(config, scanned, folder, progress)
+        teachers = [source for source in scanned if source.spec.name in learn_from]
+        tokenizer, sample = _build_tokenizer(config, teachers, folder, progress)
         record = {
             "kind": tokenizer.kind,
             "file": tokenizer.file.name,
@@ -454,7 +459,7 @@ def _prepare_mixture(
             "vocab_size": tokenizer.vocab_size,
             "eot_id": tokenizer.eot_id,
             "seed": config.seed,
-            "sources": [spec.name for spec in specs],
+            "sources": learn_from,
             "sample": sample.model_dump() if sample else None,
         }
         _write_json(folder / TOKENIZER_META, json.dumps(record, indent=2))
