@@ -3,7 +3,9 @@
 The tags make either side lead to the other: from a DVC experiment to its MLflow run
 (`dvc.exp_name`), from an MLflow run to the code (`git.commit`, `git.dirty`) and the data
 (`data.hash`). Params are the flattened resolved config with stable dotted keys, so runs line
-up column by column in the UI's compare view.
+up column by column in the UI's compare view. A data mixture also gets one column per source
+weight (`data.sources.<name>.weight`; `data.sources` itself is one JSON value) and a
+`data.mixture` tag with the normalised shares, readable at a glance in the runs list.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -74,6 +77,11 @@ def run_tags(
     }
     if data_hash:
         tags["data.hash"] = data_hash
+    if config.data.sources:
+        total = sum(source.weight for source in config.data.sources.values())
+        tags["data.mixture"] = ",".join(
+            f"{name}:{source.weight / total:.4g}" for name, source in config.data.sources.items()
+        )
     for variable, tag in (
         ("DVC_EXP_NAME", "dvc.exp_name"),
         ("DVC_EXP_BASELINE_REV", "dvc.baseline_rev"),
@@ -96,7 +104,11 @@ def param_value(value: Any) -> str:
 
 def run_params(config: Config) -> dict[str, str]:
     """The flattened resolved config, every value a string within MLflow's length limit."""
-    return {key: param_value(value) for key, value in flatten_config(config).items()}
+    params = {key: param_value(value) for key, value in flatten_config(config).items()}
+    for name, source in config.data.sources.items():
+        key = re.sub(r"\.{2,}", lambda match: "_" * len(match.group()), name)  # MLflow: no ".."
+        params[f"data.sources.{key}.weight"] = param_value(source.weight)
+    return params
 
 
 def strategy_name(config: Config, world_size: int) -> str:

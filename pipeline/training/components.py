@@ -6,6 +6,8 @@ is plain PyTorch; DDP, DeepSpeed and compilation wrap it from outside).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import random
 from collections.abc import Callable
@@ -16,12 +18,13 @@ import numpy as np
 import torch
 
 from pipeline.config.schema import Config, TrainingConfig
-from pipeline.data.prepare import load_meta, open_tokens
+from pipeline.data.prepared import PreparedMeta, load_meta, open_stream
+from pipeline.data.sources import SourceSpec, data_sources
 from pipeline.errors import ConfigError, DataError
 from pipeline.model import GPT, flops_per_token
 from pipeline.training.batching import global_batch_sequences
+from pipeline.training.mixture import MixtureSampler
 from pipeline.training.precision import MixedPrecision
-from pipeline.training.sampler import SequenceSampler
 from pipeline.training.schedule import WarmupCosine
 
 logger = logging.getLogger("pipeline.train")
@@ -37,8 +40,10 @@ class TrainingComponents:
     """The model's forward, compiled when training.compile is set."""
     optimizer: torch.optim.Optimizer
     precision: MixedPrecision
-    sampler: SequenceSampler
-    val_sampler: SequenceSampler
+    sampler: MixtureSampler
+    """Training order over the sources (one source: today's `SequenceSampler` order exactly)."""
+    val_sampler: MixtureSampler
+    """Each source's val split; evaluation takes fixed windows of each and weights the losses."""
     schedule: WarmupCosine
     vocab_size: int
     tokenizer_id: str
@@ -118,25 +123,71 @@ def total_tokens(config: Config, batch_tokens: int) -> int:
     return min(candidates)
 
 
+def _tokenizer_id(meta: PreparedMeta) -> str:
+    return f"{meta.tokenizer.kind}:{meta.outputs.get(meta.tokenizer.file, '?')}"
+
+
+def check_same_vocabulary(specs: list[SourceSpec], metas: list[PreparedMeta]) -> None:
+    """Every source must be tokenized alike: one model reads them all with one embedding."""
+    first, first_meta = specs[0], metas[0]
+    for spec, meta in zip(specs[1:], metas[1:], strict=True):
+        for what, get in (
+            ("vocab_size", lambda m: m.vocab_size),
+            ("eot_id", lambda m: m.eot_id),
+            ("dtype", lambda m: m.dtype),
+            ("tokenizer", _tokenizer_id),
+        ):
+            if get(meta) != get(first_meta):
+                raise DataError(
+                    f"{first.folder} and {spec.folder} differ in {what} ({get(first_meta)} vs "
+                    f"{get(meta)}): the sources of a mixture need one tokenizer; prepare again"
+                )
+
+
+def mixture_data_hash(specs: list[SourceSpec], metas: list[PreparedMeta]) -> str:
+    """One source: its data_hash (unchanged); a mixture: sha256 over (name, weight, hash)."""
+    if len(specs) == 1:
+        return metas[0].data_hash
+    parts = [
+        [spec.name, spec.weight, meta.data_hash] for spec, meta in zip(specs, metas, strict=True)
+    ]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+
+
+def build_samplers(
+    specs: list[SourceSpec], metas: list[PreparedMeta], seq_len: int, seed: int
+) -> tuple[MixtureSampler, MixtureSampler]:
+    """Train and val samplers over the sources' splits; a split too short is a DataError."""
+    splits = {}
+    for split in ("train", "val"):
+        named = []
+        for spec, meta in zip(specs, metas, strict=True):
+            tokens = open_stream(spec.folder, split, meta)
+            if len(tokens) <= seq_len:
+                raise DataError(
+                    f"{spec.folder}: the {split} split has {len(tokens)} tokens, fewer than one "
+                    f"sequence of {seq_len} + 1"
+                )
+            named.append((spec.name, spec.weight, tokens))
+        splits[split] = MixtureSampler.from_tokens(named, seq_len, seed)
+    return splits["train"], splits["val"]
+
+
 def build_components(config: Config) -> TrainingComponents:
     """Check the data, then build model, optimizer, precision, samplers and schedule."""
     t = config.training
-    meta = load_meta(config.data.prepared_dir)
+    specs = data_sources(config.data)
+    metas = [load_meta(spec.folder) for spec in specs]
+    check_same_vocabulary(specs, metas)
+    meta = metas[0]
     vocab_size = meta.vocab_size
     if config.model.vocab_size is not None and config.model.vocab_size != vocab_size:
         raise ConfigError(
             f"model.vocab_size ({config.model.vocab_size}) differs from the prepared data's "
-            f"vocabulary ({vocab_size} in {config.data.prepared_dir}/meta.json)"
+            f"vocabulary ({vocab_size} in {specs[0].folder}/meta.json)"
         )
     seq = config.seq_len
-    train_tokens = open_tokens(config.data.prepared_dir, "train", meta)
-    val_tokens = open_tokens(config.data.prepared_dir, "val", meta)
-    for split, tokens in (("train", train_tokens), ("val", val_tokens)):
-        if len(tokens) <= seq:
-            raise DataError(
-                f"{config.data.prepared_dir}/{split}.bin has {len(tokens)} tokens, fewer than one "
-                f"sequence of {seq} + 1"
-            )
+    sampler, val_sampler = build_samplers(specs, metas, seq, config.seed)
 
     device = resolve_device(t.device)
     if t.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
@@ -168,11 +219,11 @@ def build_components(config: Config) -> TrainingComponents:
         forward=forward,
         optimizer=optimizer,
         precision=MixedPrecision.create(t.precision, device),
-        sampler=SequenceSampler(train_tokens, seq, config.seed),
-        val_sampler=SequenceSampler(val_tokens, seq, config.seed),
+        sampler=sampler,
+        val_sampler=val_sampler,
         schedule=schedule,
         vocab_size=vocab_size,
-        tokenizer_id=f"{meta.tokenizer.kind}:{meta.outputs.get(meta.tokenizer.file, '?')}",
-        data_hash=meta.data_hash,
+        tokenizer_id=_tokenizer_id(meta),
+        data_hash=mixture_data_hash(specs, metas),
         flops_per_token=flops_per_token(config.model, vocab_size, seq),
     )

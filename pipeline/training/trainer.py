@@ -23,9 +23,10 @@ from pipeline.errors import CheckpointError
 from pipeline.rng import capture_rng_state, restore_rng_state
 from pipeline.training.batching import global_batch_sequences, plan_batch, ramped_sequences
 from pipeline.training.components import TrainingComponents, build_components
+from pipeline.training.mixture import metric_name
 from pipeline.training.nonfinite import NonfiniteGuard
 from pipeline.training.progress import ProgressReporter
-from pipeline.training.sampler import evaluation_windows
+from pipeline.training.sampler import SequenceSampler, evaluation_windows
 
 logger = logging.getLogger("pipeline.train")
 
@@ -246,24 +247,45 @@ class Trainer:
         """The update is not applied; skip, abort or roll back per training.nonfinite_policy."""
         self.nonfinite.handle(self, grad_norm)
 
-    @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean validation loss over fixed windows (no RNG is consumed)."""
+        """Validation loss: one source's mean, or the sources' means averaged by weight."""
+        return self.parts.val_sampler.weighted_mean(self.evaluate_sources())
+
+    def evaluate_sources(self) -> dict[str, float]:
+        """Each source's mean validation loss over its fixed windows (no RNG is consumed)."""
+        return {
+            source.name: self._evaluate_windows(source.sampler)
+            for source in self.parts.val_sampler.sources
+        }
+
+    @torch.no_grad()
+    def _evaluate_windows(self, sampler: SequenceSampler) -> float:
         parts, t = self.parts, self.config.training
-        windows = evaluation_windows(
-            parts.val_sampler.num_windows, t.eval_iters * t.micro_batch_size
-        )
+        windows = evaluation_windows(sampler.num_windows, t.eval_iters * t.micro_batch_size)
         parts.model.eval()
         total, count = 0.0, 0
         for start in range(0, len(windows), t.micro_batch_size):
             chunk = windows[start : start + t.micro_batch_size]
-            inputs, targets = parts.to_device(*parts.val_sampler.gather(chunk))
+            inputs, targets = parts.to_device(*sampler.gather(chunk))
             with parts.precision.autocast():
                 _, loss = parts.forward(inputs, targets)
             total += float(loss) * len(chunk)
             count += len(chunk)
         parts.model.train()
         return total / count
+
+    def _log_validation(self, tracker: Any, step: int, result: TrainResult) -> None:
+        """`val/loss` (the weighted mean); a mixture adds `val/<source>_loss` per source."""
+        losses = self.evaluate_sources()
+        val = self.parts.val_sampler.weighted_mean(losses)
+        result.val_losses[step] = val
+        metrics = {"val/loss": val}
+        detail = ""
+        if len(losses) > 1:
+            metrics.update({f"val/{metric_name(name)}_loss": v for name, v in losses.items()})
+            detail = " (" + ", ".join(f"{name} {v:.4f}" for name, v in losses.items()) + ")"
+        tracker.log_metrics(metrics, step)
+        logger.info("step %d: val loss %.4f%s", step, val, detail)
 
     def save_checkpoint(self) -> Path:
         return self.strategy.save(self)
@@ -313,14 +335,12 @@ class Trainer:
                     metrics.update(reporter.throughput(step, self.progress.tokens_seen))
                     if "perf/mfu" in metrics:  # tokens/s is the job's, the peak one device's
                         metrics["perf/mfu"] /= self.world_size
+                    metrics.update(self.parts.sampler.data_metrics())  # mixtures only
                     result.losses[step] = metrics["train/loss"]
                     tracker.log_metrics(metrics, step)
                     reporter.update(step, metrics)
                 if step % t.eval_interval == 0 or self._finished():
-                    val = self.evaluate()
-                    result.val_losses[step] = val
-                    tracker.log_metrics({"val/loss": val}, step)
-                    logger.info("step %d: val loss %.4f", step, val)
+                    self._log_validation(tracker, step, result)
                 # A signal may reach the ranks at different steps: stop together.
                 stopping = self.strategy.any_rank(bool(stop))
                 if step % t.checkpoint_interval == 0 or self._finished() or stopping:
