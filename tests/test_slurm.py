@@ -32,6 +32,7 @@ import yaml
 from conftest import REPO_ROOT, set_args, tiny_overrides
 from safetensors.torch import load_file
 from test_dvc_pipeline import _project_files, _run
+from test_prepare_executors import snapshot, task_bytes_for, write_corpus, write_params
 
 from pipeline.cli import run_command
 from pipeline.cli.slurm import slurm as slurm_command
@@ -310,7 +311,9 @@ MinJobAge=2
 KillWait=30
 InactiveLimit=0
 Waittime=0
-JobCompType=jobcomp/none
+# One line per ended job (array tasks each): what ran on the cluster, after the job is gone.
+JobCompType=jobcomp/filetxt
+JobCompLoc={root}/log/jobcomp.log
 AccountingStorageType=accounting_storage/none
 NodeName={host} NodeAddr=127.0.0.1 CPUs={os.cpu_count() or 1} RealMemory=1000 State=UNKNOWN
 PartitionName=test Nodes={host} Default=YES MaxTime=INFINITE State=UP
@@ -642,3 +645,65 @@ def test_dvc_repro_trains_through_the_cluster_like_a_local_run(
     model = Path("model") / "model.safetensors"
     assert (run_dir / model).read_bytes() == (local / model).read_bytes()
     assert _curve(run_dir) == _curve(local)
+
+
+def _completed_jobs(cluster: Cluster) -> list[dict[str, str]]:
+    """The cluster's job completion log (jobcomp/filetxt): one record per ended job."""
+    log = cluster.root / "log" / "jobcomp.log"
+    text = log.read_text(errors="replace") if log.exists() else ""
+    return [dict(re.findall(r"(\w+)=(\S*)", line)) for line in text.splitlines() if line]
+
+
+@pytest.mark.slow
+def test_prepare_on_the_cluster_gives_the_bytes_of_a_local_prepare(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """`data.executor: datatrove_slurm`: each pass is an array job of one task per input task,
+    and the prepared folder is byte for byte what the local process pool makes.
+
+    `gpt3 prepare` runs as a user would on a login node: the cluster's environment, and this
+    venv's `gpt3` by its path with the venv taken off PATH (not activated), so the job must find
+    DataTrove's `launch_pickled_pipeline` itself. One node: the work dir in tmp_path is shared
+    by the job and the test.
+    """
+    inputs = write_corpus(tmp_path / "corpus")
+    task_bytes = task_bytes_for(tmp_path / "corpus")
+    venv_bin = Path(sys.executable).parent
+    path = [p for p in cluster.env["PATH"].split(os.pathsep) if p and Path(p) != venv_bin]
+    env = {**cluster.env, "PATH": os.pathsep.join(path)}
+    gpt3 = str(venv_bin / "gpt3")
+    outputs: dict[str, dict[str, bytes]] = {}
+    for executor in ("local", "datatrove_slurm"):
+        root = tmp_path / executor
+        settings = {"executor": executor, "num_workers": 2}
+        params = write_params(tmp_path / f"{executor}.yaml", inputs, root, task_bytes, **settings)
+        done = subprocess.run(
+            [gpt3, "prepare", "--params", str(params), "--no-progress"],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert done.returncode == 0, f"{executor}:\n{done.stdout}{done.stderr[-4000:]}"
+        assert "prepared files: " in done.stdout, done.stdout
+        outputs[executor] = snapshot(root / "prepared")
+        assert not (root / "work").exists(), "the scratch folder is removed at the end"
+
+    local, on_slurm = outputs["local"], outputs["datatrove_slurm"]
+    meta = json.loads(local["meta.json"])
+    tasks = len(meta["splits"]["train"]["shards"])
+    assert tasks == 5 and len(meta["inputs"]) == 4, meta
+    assert sorted(on_slurm) == sorted(local)
+    for file, data in local.items():  # meta.json, tokenizer.json and every shard
+        assert on_slurm[file] == data, f"{file} differs"
+
+    # The work ran as SLURM array tasks: one completed task per input task in each pass.
+    jobs = _completed_jobs(cluster)
+    for phase in ("scan", "sample", "encode"):
+        ran = [job for job in jobs if job.get("Name") == f"gpt3-prepare-{phase}"]
+        assert sorted(int(job["ArrayTaskId"]) for job in ran) == list(range(tasks)), (phase, ran)
+        assert {job["JobState"] for job in ran} == {"COMPLETED"}, (phase, ran)
+        assert len({job["ArrayJobId"] for job in ran}) == 1, "one array job per pass"
+    waits = [job for job in jobs if job.get("Name") == "gpt3-prepare-wait"]
+    assert len(waits) == 3, waits

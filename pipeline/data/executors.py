@@ -10,7 +10,10 @@ again with `executor: datatrove*` skips the tasks already done).
 from __future__ import annotations
 
 import multiprocessing
+import shlex
+import shutil
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -132,6 +135,22 @@ def _run_datatrove_local(job: PhaseJob, count: int, workers: int) -> None:
     executor.run()
 
 
+def _job_path_command() -> str:
+    """The job script's first line: the folder of DataTrove's `launch_pickled_pipeline` first on
+    PATH, so the array tasks find it (and with it this environment's Python and packages).
+
+    sbatch passes on the submitting environment, but `.venv/bin/gpt3 prepare` runs without the
+    venv activated, so PATH need not hold that folder, and every array task then failed at
+    once (srun found no such command). Preferred: the script beside this interpreter (the
+    environment this code runs in); else the one PATH finds.
+    """
+    beside = Path(sys.executable).parent / "launch_pickled_pipeline"
+    found = str(beside) if beside.is_file() else shutil.which("launch_pickled_pipeline")
+    if found is None:
+        return "true"
+    return f'export PATH={shlex.quote(str(Path(found).parent))}:"$PATH"'
+
+
 def _run_datatrove_slurm(job: PhaseJob, count: int, workers: int, slurm: SlurmConfig) -> None:
     """One SLURM array job per pass; waits for it with `sbatch --wait` on a job that depends
     on it, so nothing here polls."""
@@ -160,7 +179,7 @@ def _run_datatrove_slurm(job: PhaseJob, count: int, workers: int, slurm: SlurmCo
         logging_dir=_logs(job),
         slurm_logs_folder=str(Path(_logs(job)) / "slurm"),
         sbatch_args=extra,
-        env_command="true",
+        env_command=_job_path_command(),
         requeue=False,
     )
     executor.run()
