@@ -28,6 +28,9 @@ from pipeline.errors import UserError
 from pipeline.tracking.base import TrackerGroup
 from pipeline.training.trainer import Trainer
 
+TRAIN_SHARD, VAL_SHARD = "train-00000-000.bin", "val-00000-000.bin"
+"""The small prepared corpus's one shard per split."""
+
 
 def _config(prepared: Path, run_dir: Path, extra: dict | None = None):
     return load_config(overrides=tiny_overrides(prepared, run_dir, extra))
@@ -236,25 +239,25 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(
         "truncated token file": (
             {
                 "data.prepared_dir": _prepared_copy(
-                    prepared_dir, tmp_path / "p_cut", lambda p: _truncate(p / "train.bin", 1)
+                    prepared_dir, tmp_path / "p_cut", lambda p: _truncate(p / TRAIN_SHARD, 1)
                 )
             },
             [],
-            r"train\.bin: \d+ bytes is not a whole number of uint16 tokens \(truncated",
+            r"train-00000-000\.bin: \d+ bytes is not a whole number of uint16 tokens \(truncated",
         ),
         "token file shorter than meta.json says": (
             {
                 "data.prepared_dir": _prepared_copy(
-                    prepared_dir, tmp_path / "p_short", lambda p: _truncate(p / "val.bin", 64)
+                    prepared_dir, tmp_path / "p_short", lambda p: _truncate(p / VAL_SHARD, 64)
                 )
             },
             [],
-            r"val\.bin: holds \d+ tokens but meta\.json says \d+; prepare again",
+            r"val-00000-000\.bin: holds \d+ tokens but meta\.json says \d+; prepare again",
         ),
         "wrong dtype in meta.json": (
             {"data.prepared_dir": _prepared_copy(prepared_dir, tmp_path / "p_dtype", _retype)},
             [],
-            r"train\.bin: holds \d+ tokens but meta\.json says \d+; prepare again",
+            r"train-00000-000\.bin: holds \d+ tokens but meta\.json says \d+; prepare again",
         ),
         "resume path that does not exist": (
             {},

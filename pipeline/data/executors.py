@@ -2,9 +2,9 @@
 
 The work itself (`PhaseJob`) is the same whichever runs it, and every task writes its own
 files, so the result does not depend on the executor, the number of workers or machines.
-DataTrove brings what a week-long corpus job needs and this project should not rebuild:
-SLURM array jobs, per-task logs and completion markers (a crashed or cancelled prepare run
-again with `executor: datatrove*` skips the tasks already done).
+DataTrove brings what a corpus job across machines needs and this project should not rebuild:
+SLURM array jobs (bounded by `num_workers` at once) and per-task logs. Each prepare starts
+from a clean work folder: tasks are not skipped across runs (a rerun redoes every pass).
 """
 
 from __future__ import annotations
@@ -161,11 +161,14 @@ def _run_datatrove_slurm(job: PhaseJob, count: int, workers: int, slurm: SlurmCo
             """DataTrove's stats summary job is not needed (and asks for 1 GB per CPU)."""
 
         def get_sbatch_args(self, max_array: int = 1) -> dict:
-            """Without the options left unset: DataTrove writes `--partition` with no value."""
+            """Without the options left unset (DataTrove writes `--partition` with no value)
+            and without DataTrove's fixed 2 GB per CPU: the site's default memory applies, or
+            `slurm.extra_sbatch`-style options the user gives."""
             args = super().get_sbatch_args(max_array)
+            args.pop("mem-per-cpu", None)
             return {k: v for k, v in args.items() if v not in (None, "") or k == "requeue"}
 
-    extra: dict[str, str] = {"mem-per-cpu": "256M"}
+    extra: dict[str, str] = {}
     if slurm.account:
         extra["account"] = slurm.account
     executor = Executor(
@@ -192,7 +195,6 @@ def _run_datatrove_slurm(job: PhaseJob, count: int, workers: int, slurm: SlurmCo
             "--quiet",
             f"--dependency=afterany:{executor.job_id}",
             "--job-name=gpt3-prepare-wait",
-            "--mem-per-cpu=64M",
             f"--output={Path(_logs(job)) / 'slurm' / 'wait.out'}",
             *([f"--partition={slurm.partition}"] if slurm.partition else []),
             *([f"--account={slurm.account}"] if slurm.account else []),

@@ -414,14 +414,33 @@ def prepare_data(
     tokenizer_kind(data.tokenizer).plan(data)  # settings and files checked before any work
     try:
         if not data.sources:
-            return [_prepare_single(config, data_sources(data)[0], work_root, progress)]
-        if source is not None:
-            return [_prepare_one_of_mixture(config, find_source(data, source), work_root, progress)]
-        return _prepare_mixture(config, work_root, progress, tokenizer_only)
-    finally:
-        shutil.rmtree(work_root, ignore_errors=True)
-        if Path(data.work_dir).is_dir() and not any(Path(data.work_dir).iterdir()):
-            Path(data.work_dir).rmdir()
+            summaries = [_prepare_single(config, data_sources(data)[0], work_root, progress)]
+        elif source is not None:
+            spec = find_source(data, source)
+            summaries = [_prepare_one_of_mixture(config, spec, work_root, progress)]
+        else:
+            summaries = _prepare_mixture(config, work_root, progress, tokenizer_only)
+    except BaseException:
+        _keep_only_logs(work_root)  # what a failed task's message points at
+        raise
+    shutil.rmtree(work_root, ignore_errors=True)
+    if Path(data.work_dir).is_dir() and not any(Path(data.work_dir).iterdir()):
+        Path(data.work_dir).rmdir()
+    return summaries
+
+
+def _keep_only_logs(work_root: Path) -> None:
+    """After a failure: delete the scratch data, keep executor logs (if any) for the user."""
+    for source in work_root.iterdir() if work_root.is_dir() else []:
+        for item in source.iterdir():
+            if item.name != "logs":
+                shutil.rmtree(item, ignore_errors=True)
+        if not any(source.iterdir()):
+            source.rmdir()
+    if work_root.is_dir() and not any(work_root.iterdir()):
+        work_root.rmdir()
+        if not any(work_root.parent.iterdir()):
+            work_root.parent.rmdir()
 
 
 def _prepare_single(
