@@ -38,15 +38,20 @@ def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    """`base` with `update` laid over it, mappings merged key by key (neither is modified).
+CLEARED_BY_EMPTY = frozenset({"data.sources"})
+"""Mappings that are collections rather than sections: an empty one in a higher layer means
+"none" (`data.sources: {}` selects the single-source keys), where an empty section merges."""
 
-    An empty mapping replaces rather than merges: `data.sources: {}` means "no sources".
-    """
+
+def deep_merge(base: dict[str, Any], update: dict[str, Any], path: str = "") -> dict[str, Any]:
+    """`base` with `update` laid over it, mappings merged key by key (neither is modified)."""
     merged = dict(base)
     for key, value in update.items():
-        if isinstance(value, dict) and value and isinstance(merged.get(key), dict):
-            merged[key] = deep_merge(merged[key], value)
+        dotted = f"{path}{key}"
+        if value == {} and dotted in CLEARED_BY_EMPTY:
+            merged[key] = {}
+        elif isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value, dotted + ".")
         else:
             merged[key] = value
     return merged
