@@ -30,7 +30,12 @@ class SequenceSampler:
         self._permutation = lru_cache(maxsize=2)(self._make_permutation)
 
     def _make_permutation(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(self.num_windows)
+        """`Generator.permutation(n)` exactly (the same draws shuffle any dtype the same way),
+        in int32 when it fits: half the memory for a GPT-3-sized source (150M windows)."""
+        dtype = np.int32 if self.num_windows < 2**31 else np.int64
+        order = np.arange(self.num_windows, dtype=dtype)
+        np.random.default_rng([self.seed, epoch]).shuffle(order)
+        return order
 
     @property
     def epoch(self) -> int:
