@@ -19,8 +19,11 @@ tag); each rank hashes and fsyncs a share of the files; rank 0 writes the checks
 renames the folder to `step_0000100`, replaces `latest` through a temporary file, prunes old
 folders. A folder without `checksums.sha256` is never a checkpoint. The loop state (step, data
 position, every rank's RNG, config) is DeepSpeed client state under the key `trainer`, and is
-read back with `torch.load(weights_only=True, mmap=True)` to check a checkpoint without
-touching its weights. Checkpoints must be on a filesystem every rank sees (as DeepSpeed's own).
+read back weights-only and memory-mapped to check a checkpoint without touching its weights.
+No file is handed to DeepSpeed's unpickler before rank 0 has read every file of the folder
+weights-only (`inspect_tag_dir`), and DeepSpeed's own loads go through the same safe reader
+(`pipeline.distributed.deepspeed_safe_load`). Checkpoints must be on a filesystem every rank
+sees (as DeepSpeed's own).
 """
 
 from __future__ import annotations
@@ -31,14 +34,14 @@ import logging
 import os
 import re
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from pipeline.checkpoint import CorruptCheckpointError, step_filename
 from pipeline.checkpoint_io import fsync_directory
 from pipeline.distributed.comm import Collective
+from pipeline.distributed.deepspeed_safe_load import safe_load, scan_files
 from pipeline.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -66,12 +69,18 @@ def _hash_and_sync(path: Path) -> str:
 
 
 def verify_tag_dir(tag_dir: Path) -> None:
-    """Check every file a checkpoint folder's manifest lists; raise CorruptCheckpointError."""
+    """Check a checkpoint folder against its manifest; raise CorruptCheckpointError.
+
+    Every file the manifest lists must match its digest, and every file in the folder must be
+    listed: DeepSpeed loads shards by name, so an unlisted file is data nobody vouched for.
+    """
     manifest = tag_dir / MANIFEST
     if not manifest.is_file():
         raise CorruptCheckpointError(f"{tag_dir} has no {MANIFEST}: an incomplete checkpoint")
-    for line in manifest.read_text(encoding="ascii").splitlines():
+    listed: set[str] = set()
+    for line in manifest.read_text(encoding="ascii", errors="replace").splitlines():
         expected, _, name = line.partition("  ")
+        listed.add(name)
         path = tag_dir / name
         if not path.is_file():
             raise CorruptCheckpointError(f"{path} is missing from checkpoint {tag_dir}")
@@ -81,6 +90,25 @@ def verify_tag_dir(tag_dir: Path) -> None:
                 digest.update(chunk)
         if digest.hexdigest() != expected:
             raise CorruptCheckpointError(f"{path} is corrupt or truncated (SHA-256 mismatch)")
+    present = {p.relative_to(tag_dir).as_posix() for p in tag_dir.rglob("*") if p.is_file()}
+    unlisted = sorted(present - listed - {MANIFEST})
+    if unlisted:
+        raise CorruptCheckpointError(
+            f"{tag_dir} holds files its {MANIFEST} does not list: {', '.join(unlisted)}"
+        )
+
+
+def checkpoint_files(tag_dir: Path) -> list[Path]:
+    """The checkpoint's own files (every file but the manifest), sorted."""
+    return sorted(p for p in tag_dir.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def inspect_tag_dir(tag_dir: Path) -> dict[str, Any]:
+    """Verify a folder, read every file weights-only (see `deepspeed_safe_load`), return the
+    loop state: what rank 0 checks before any rank hands the folder to DeepSpeed."""
+    verify_tag_dir(tag_dir)
+    scan_files(checkpoint_files(tag_dir))
+    return read_client_state(tag_dir)
 
 
 def read_client_state(tag_dir: Path) -> dict[str, Any]:
@@ -88,8 +116,8 @@ def read_client_state(tag_dir: Path) -> dict[str, Any]:
     candidates = sorted(tag_dir.glob("*mp_rank_00_model_states.pt"))
     if not candidates:
         raise CheckpointError(f"{tag_dir}: no DeepSpeed model states file")
-    state = torch.load(candidates[0], map_location="cpu", weights_only=True, mmap=True)
-    if CLIENT_KEY not in state:
+    state = safe_load(candidates[0], "cpu", mmap=zipfile.is_zipfile(candidates[0]))
+    if not isinstance(state, dict) or not isinstance(state.get(CLIENT_KEY), dict):
         raise CheckpointError(f"{tag_dir}: not a checkpoint of this trainer (no {CLIENT_KEY!r})")
     return state[CLIENT_KEY]
 
@@ -176,7 +204,7 @@ class DeepSpeedCheckpoints:
     def load(self, which: str | int | Path = "latest") -> tuple[dict[str, Any], Path]:
         """`(loop state, folder)` of a verified checkpoint, read on this rank only."""
         tag_dir = self.resolve(which)
-        return read_client_state(tag_dir), tag_dir
+        return inspect_tag_dir(tag_dir), tag_dir
 
     # ------------------------------------------------------------------------ collective
     def save(self, engine: Any, state: dict[str, Any], step: int) -> Path:

@@ -126,6 +126,12 @@ def resolve_deepspeed_config(
             f"scheduler in {source}: the learning rate follows the training config (token-based "
             "warm-up and cosine decay, resumed with the run); remove the section"
         )
+    checkpoint = r.section("checkpoint") or {}
+    if checkpoint.get("load_universal"):
+        r.problems.append(
+            f"checkpoint.load_universal in {source}: DeepSpeed reads universal checkpoints with "
+            "torch.load(weights_only=False), which runs code a file carries; remove it"
+        )
     leftovers = sorted(_auto_keys(d))
     if leftovers:
         r.problems.append(f"{', '.join(leftovers)} in {source}: 'auto' has no project value here")

@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from pipeline.config.schema import Config
+from pipeline.distributed import deepspeed_safe_load
 from pipeline.distributed.comm import Collective
-from pipeline.distributed.deepspeed_checkpoint import DeepSpeedCheckpoints, read_client_state
+from pipeline.distributed.deepspeed_checkpoint import DeepSpeedCheckpoints, inspect_tag_dir
 from pipeline.distributed.deepspeed_config import read_deepspeed_json, resolve_deepspeed_config
 from pipeline.distributed.strategy import SingleDevice, restore_rank_rng, seed_rank
 from pipeline.errors import ConfigError
@@ -90,6 +91,7 @@ class DeepSpeedStrategy(SingleDevice):
             model_parameters=parts.model.param_groups(t.weight_decay) if own_optimizer else None,
             config=self.ds_config,
         )
+        deepspeed_safe_load.install(self.engine)  # no pickled code runs on resume
         parts.forward = with_attention_backend(self.engine, config.training.attention_backend)
         parts.optimizer = self.engine.optimizer  # param_groups: where the trainer sets the lr
         parts.precision = EnginePrecision(self.engine, t.precision)  # type: ignore[assignment]
@@ -144,7 +146,7 @@ class DeepSpeedStrategy(SingleDevice):
 
         def choose() -> Path:
             tag_dir = store.resolve(which)
-            state = read_client_state(tag_dir)
+            state = inspect_tag_dir(tag_dir)  # every file read weights-only, on rank 0 first
             check_compatible(state, trainer.config, parts.vocab_size, parts.tokenizer_id, tag_dir)
             return tag_dir
 
