@@ -147,6 +147,6 @@ def test_universal_checkpoint_loading_is_refused(prepared_dir: Path, tmp_path: P
     from pipeline.errors import ConfigError
 
     config = load_config(overrides=tiny_overrides(prepared_dir, tmp_path))
-    with pytest.raises(ConfigError, match="checkpoint.load_universal in my.json"):
+    with pytest.raises(ConfigError, match=r"checkpoint\.load_universal in my\.json"):
         resolve_deepspeed_config({"checkpoint": {"load_universal": True}}, config, 1, "my.json",
                                  cuda=False)  # fmt: skip
