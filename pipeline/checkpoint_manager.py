@@ -95,6 +95,33 @@ class CheckpointManager:
         """`(step, path)` of the step files present, oldest first (not verified)."""
         return list_step_files(self.directory)
 
+    def candidates(self) -> list[Path]:
+        """Every checkpoint here, best first: the one `latest` points at, then newest step first.
+
+        `latest_checkpoint.pt` itself is listed only when it matches no step file.
+        """
+        paths = [path for _, path in reversed(self.list_checkpoints())]
+        target = latest_target(self.directory)
+        if target is not None:
+            paths.remove(target[1])
+            paths.insert(0, target[1])
+        elif self.latest_path.exists():
+            paths.insert(0, self.latest_path)
+        return paths
+
+    def inspect(self, path: Path) -> dict[str, Any]:
+        """The verified state of one checkpoint file (CheckpointError if it cannot be used)."""
+        return load_verified(path)
+
+    def files_of(self, path: Path) -> list[Path]:
+        """The files that make up checkpoint `path`: it, its checksum file, and `latest` (with
+        its checksum file) when `latest` is that checkpoint."""
+        files = [path, checksum_path(path)]
+        target = latest_target(self.directory)
+        if path != self.latest_path and target is not None and target[1] == path:
+            files += [self.latest_path, checksum_path(self.latest_path)]
+        return [file for file in files if file.exists()]
+
     def latest_step(self) -> int | None:
         """The step `latest_checkpoint.pt` points at (not verified); None if there is none."""
         target = latest_target(self.directory)

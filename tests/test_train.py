@@ -141,7 +141,8 @@ def test_auto_resume_continues_only_an_interrupted_run(prepared_dir: Path, tmp_p
     changed = {**extra, "training.lr": 1e-4}
     again = train(_config(prepared_dir, run_dir, changed), resume="auto", console=False)
     assert sorted(again.losses) == [1, 2, 3, 4]
-    assert (run_dir / "checkpoints.previous" / "latest_checkpoint.pt").is_file()
+    (previous,) = run_dir.glob("checkpoints.previous-*")
+    assert (previous / "latest_checkpoint.pt").is_file()
     # A finished run of the same config is retrained from scratch, identically.
     rerun = train(_config(prepared_dir, run_dir, changed), resume="auto", console=False)
     assert rerun.losses == again.losses

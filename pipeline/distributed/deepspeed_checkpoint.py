@@ -146,6 +146,30 @@ class DeepSpeedCheckpoints:
                 found.append((int(match.group(1)), entry))
         return sorted(found)
 
+    def candidates(self) -> list[Path]:
+        """Every `step_*` folder, complete or not, best first: `latest`'s, then newest first."""
+        if not self.directory.is_dir():
+            return []
+        found = []
+        for entry in self.directory.iterdir():
+            match = _STEP_DIR_RE.match(entry.name)
+            if match and entry.is_dir():
+                found.append((int(match.group(1)), entry))
+        paths = [path for _, path in sorted(found, reverse=True)]
+        latest = self.latest_path()
+        if latest is not None and latest in paths:
+            paths.remove(latest)
+            paths.insert(0, latest)
+        return paths
+
+    def inspect(self, path: Path) -> dict[str, Any]:
+        """The loop state of a verified folder, every file read weights-only."""
+        return inspect_tag_dir(path)
+
+    def files_of(self, path: Path) -> list[Path]:
+        """A DeepSpeed checkpoint is its folder."""
+        return [path]
+
     def latest_path(self) -> Path | None:
         try:
             tag = (self.directory / LATEST).read_text(encoding="utf-8").strip()

@@ -7,97 +7,23 @@ the run directory is touched; the final model is written aside and renamed into 
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 from pathlib import Path
 
-from pipeline.checkpoint import CheckpointManager
 from pipeline.config.loader import dump_config
 from pipeline.config.schema import Config
 from pipeline.distributed.strategy import SingleDevice
-from pipeline.errors import CheckpointError
 from pipeline.model_artifact import save_model_dir
 from pipeline.tracking.base import TrackerGroup
 from pipeline.tracking.dvc_metrics import DvcMetricsTracker
 from pipeline.tracking.mlflow_tracker import open_mlflow_tracker, run_files
 from pipeline.tracking.tensorboard import TensorBoardTracker
+from pipeline.training.auto_resume import RESUME_AUTO, resolve_auto
 from pipeline.training.components import build_components
 from pipeline.training.resume_source import check_resume_source
 from pipeline.training.run_logging import run_logging
 from pipeline.training.trainer import Trainer, TrainResult
 
 logger = logging.getLogger("pipeline.train")
-
-RESUME_AUTO = "auto"
-"""Resume when the run directory holds a checkpoint of this exact config, else start afresh."""
-
-
-def _same_run(saved: dict, config: Config) -> bool:
-    """Does a checkpoint's config describe this run (ignoring where and how it is observed)?
-
-    With an explicit `training.decay_tokens` the schedule does not depend on the run's length,
-    so a longer max_steps/max_tokens extends the same run instead of starting a new one.
-    """
-    ignore = {
-        "tracking",
-        "evaluation",
-        "registry",
-        "storage",
-        "slurm",
-        "output_dir",
-        "output_root",
-        "name",
-    }
-    current = config.model_dump(mode="json")
-    saved = {**saved, "training": dict(saved.get("training", {}))}
-    if config.training.decay_tokens is not None:
-        for key in ("max_steps", "max_tokens"):
-            saved["training"].pop(key, None)
-            current["training"].pop(key, None)
-    return all(saved.get(k) == v for k, v in current.items() if k not in ignore)
-
-
-def _finished(progress: dict, config: Config) -> bool:
-    """Had the checkpointed run already reached this config's end?"""
-    t = config.training
-    steps_done = t.max_steps is not None and progress.get("step", 0) >= t.max_steps
-    tokens_done = t.max_tokens is not None and progress.get("tokens_seen", 0) >= t.max_tokens
-    return steps_done or tokens_done
-
-
-def _resolve_resume(
-    config: Config, resume: str | None, checkpoints: CheckpointManager
-) -> str | None:
-    """Turn `auto` into a checkpoint path or None; anything else passes through.
-
-    `auto` continues an interrupted run of this exact config. A finished run, or one of another
-    config, is moved aside to `checkpoints.previous` (nothing is deleted) and training starts
-    afresh, so `dvc repro --force` really retrains and reproduces.
-    """
-    if resume != RESUME_AUTO:
-        return resume
-    if not checkpoints.list_checkpoints():
-        return None
-    try:
-        state, path = checkpoints.load("latest")
-    except CheckpointError as exc:
-        logger.warning("auto-resume: no usable checkpoint (%s); starting afresh", exc)
-        return None
-    same = _same_run(state.get("config", {}), config)
-    if same and not _finished(state.get("progress", {}), config):
-        return str(path)
-    why = "a finished run of this config" if same else "a different config"
-    stale = checkpoints.directory.with_name("checkpoints.previous")
-    logger.warning(
-        "auto-resume: checkpoints in %s belong to %s; moved to %s, starting afresh",
-        checkpoints.directory,
-        why,
-        stale,
-    )
-    shutil.rmtree(stale, ignore_errors=True)
-    os.replace(checkpoints.directory, stale)
-    checkpoints.directory.mkdir(parents=True)
-    return None
 
 
 def train(
@@ -124,7 +50,12 @@ def train(
         run_logging(log_file, config.training.log_level if main else "WARNING", console),
     ):
         trainer = Trainer(config, parts, strategy)
-        resume = strategy.main_only(lambda: _resolve_resume(config, resume, trainer.checkpoints))
+        if resume == RESUME_AUTO:
+            resume = strategy.main_only(
+                lambda: resolve_auto(
+                    config, trainer.checkpoints, parts.vocab_size, parts.tokenizer_id
+                )
+            )
         if resume is not None:
             trainer.resume(resume)
         if main:

@@ -139,10 +139,17 @@ class Trainer:
     def load_state_dict(self, state: dict[str, Any], source: Path) -> None:
         """Restore a checkpoint after checking it fits this run's model and tokenizer."""
         check_compatible(state, self.config, self.parts.vocab_size, self.parts.tokenizer_id, source)
+        missing = [key for key in ("model", "optimizer", "scaler") if key not in state]
+        if missing:
+            raise CheckpointError(f"{source}: not a full training checkpoint (no {missing})")
         parts = self.parts
-        parts.model.load_state_dict(state["model"])
-        parts.optimizer.load_state_dict(state["optimizer"])
-        parts.precision.load_state_dict(state["scaler"])
+        try:
+            parts.model.load_state_dict(state["model"])
+            parts.optimizer.load_state_dict(state["optimizer"])
+            parts.precision.load_state_dict(state["scaler"])
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise CheckpointError(f"{source}: cannot restore it: {first}") from exc
         self.load_loop_state(state, source)
 
     def load_loop_state(self, state: dict[str, Any], source: Path) -> None:
@@ -150,11 +157,12 @@ class Trainer:
         parts = self.parts
         try:
             parts.sampler.load_state_dict(state["sampler"])
-        except ValueError as exc:
+            progress = Progress(**state["progress"])
+            restore_rng_state(state["rng"])
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
             raise CheckpointError(f"{source}: {exc}") from None
-        self.progress = Progress(**state["progress"])
-        self.tracking_run_id = state.get("tracking", {}).get("run_id")
-        restore_rng_state(state["rng"])
+        self.progress = progress
+        self.tracking_run_id = (state.get("tracking") or {}).get("run_id")
 
     def resume(self, which: str | Path) -> Path:
         path = self.strategy.load(self, which)
@@ -376,8 +384,7 @@ def check_compatible(
     state: dict[str, Any], config: Config, vocab_size: int, tokenizer_id: str, source: Path
 ) -> None:
     """A checkpoint must match the model's shape and the tokenizer; the error names the mismatch."""
-    if state.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{source}: not a training checkpoint of format {CHECKPOINT_FORMAT}")
+    check_loop_state(state, source)
     saved_model = state["config"]["model"]
     mismatches = [
         f"model.{key}: checkpoint {saved_model.get(key)} != config {getattr(config.model, key)}"
@@ -391,3 +398,28 @@ def check_compatible(
         mismatches.append(f"tokenizer: checkpoint {data.get('tokenizer')} != data {tokenizer_id}")
     if mismatches:
         raise CheckpointError(f"{source} does not match this run: " + "; ".join(mismatches))
+
+
+LOOP_STATE = {
+    "sampler": dict,
+    "progress": dict,
+    "rng": dict,
+    "config": dict,
+    "data": dict,
+}
+"""Keys of the loop state and their types: checked before anything is restored from it."""
+
+
+def check_loop_state(state: Any, source: Path) -> None:
+    """A checkpoint's loop state has the shape this trainer writes; else a CheckpointError.
+
+    A file can verify against its checksum and load weights-only and still not be one of ours
+    (or be one whose keys were edited): that must be a one-line error, never a KeyError.
+    """
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{source}: not a training checkpoint of format {CHECKPOINT_FORMAT}")
+    bad = [key for key, kind in LOOP_STATE.items() if not isinstance(state.get(key), kind)]
+    if not bad and not isinstance(state["config"].get("model"), dict):
+        bad.append("config.model")
+    if bad:
+        raise CheckpointError(f"{source}: damaged training checkpoint (bad {', '.join(bad)})")
