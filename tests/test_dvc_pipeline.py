@@ -25,7 +25,9 @@ RUN = Path("experiments/tiny-shakespeare")
 
 
 def _project_files() -> list[str]:
-    """Tracked and untracked-but-not-ignored files: what a fresh clone would hold."""
+    """Tracked and untracked-but-not-ignored files: what a fresh clone would hold, with this
+    checkout's edits. Never `dvc.lock`: it records this checkout's outputs (after `make run`),
+    which a copy does not have, so a copy always starts as a clone before any run does."""
     out = subprocess.run(
         ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
         cwd=REPO_ROOT,
@@ -33,7 +35,20 @@ def _project_files() -> list[str]:
         text=True,
         check=True,
     ).stdout
-    return [f for f in out.split("\0") if f and (REPO_ROOT / f).is_file()]
+    return [
+        f for f in out.split("\0") if f and f != "dvc.lock" and (REPO_ROOT / f).is_file()
+    ]
+
+
+def _init_repo(root: Path, env: dict[str, str]) -> None:
+    """Make the copy at `root` a git + DVC repo with one commit, as a clone is. `.dvc/` comes
+    with the copy where the checkout commits it; `dvc init` only runs where it does not."""
+    _run(["git", "init", "-q"], root, env)
+    if not (root / ".dvc").is_dir():
+        _run(["dvc", "init", "-q"], root, env)
+        _run(["dvc", "config", "core.analytics", "false"], root, env)
+    _run(["git", "add", "-A"], root, env)
+    _run(["git", "commit", "-qm", "fresh clone"], root, env)
 
 
 def _run(args: list[str], cwd: Path, env: dict[str, str]) -> str:
@@ -45,7 +60,7 @@ def _run(args: list[str], cwd: Path, env: dict[str, str]) -> str:
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
     """A copy of the repo as a fresh git + DVC repo, with a budget cut to seconds."""
-    root = tmp_path_factory.mktemp("project")
+    root = tmp_path_factory.mktemp("box") / "project"
     for name in _project_files():
         target = root / name
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -55,7 +70,10 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, s
     params["evaluation"].update(max_tokens=8192, sample_max_tokens=16)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_TRACKING", "DVC_"))}
+    home = root.parent / "home"  # an empty home: `make run` must leave it empty
+    home.mkdir()
     env.update(
+        HOME=str(home),
         PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
         MLFLOW_DISABLE_TELEMETRY="true",
         DVC_NO_ANALYTICS="1",
@@ -64,11 +82,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, s
         GIT_COMMITTER_NAME="t",
         GIT_COMMITTER_EMAIL="t@t",
     )
-    _run(["git", "init", "-q"], root, env)
-    _run(["dvc", "init", "-q"], root, env)
-    _run(["dvc", "config", "core.analytics", "false"], root, env)
-    _run(["git", "add", "-A"], root, env)
-    _run(["git", "commit", "-qm", "fresh clone"], root, env)
+    _init_repo(root, env)
     return root, env
 
 
@@ -88,8 +102,17 @@ def _unigram_entropy_nats(prepared: Path) -> float:
 
 
 def test_repro_then_experiment_then_noop(project: tuple[Path, dict[str, str]]) -> None:
+    """`make run`'s script in a clone, then an experiment, then a no-op `dvc repro`.
+
+    The script changes nothing git tracks except `dvc.lock` (a new file), pushes nothing and
+    writes nothing outside the clone: the box around it holds only the clone and an empty home.
+    """
     root, env = project
-    _run(["dvc", "repro"], root, env)
+    _run(["bash", "scripts/run_pipeline.sh"], root, env)
+    status = _run(["git", "status", "--porcelain", "--untracked-files=all"], root, env)
+    assert status.splitlines() == ["?? dvc.lock"], status
+    assert sorted(p.name for p in root.parent.iterdir()) == ["home", "project"]
+    assert list((root.parent / "home").iterdir()) == []
     for path in (
         "data/tokenizer/tokenizer.json",
         "data/prepared/main/train-00000-000.bin",
@@ -249,8 +272,9 @@ def test_changing_one_source_re_prepares_that_source_only(tmp_path: Path) -> Non
         MLFLOW_DISABLE_TELEMETRY="true",
         DVC_NO_ANALYTICS="1",
     )
-    for command in (["git", "init", "-q"], ["dvc", "init", "-q"]):
-        _run(command, root, env)
+    env.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t")
+    env.update(GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
+    _init_repo(root, env)
     stages = ["prepare@web", "prepare@books"]
     first = _run(["dvc", "repro", *stages], root, env)
     assert "Running stage 'prepare@web'" in first and "Running stage 'prepare@books'" in first

@@ -31,7 +31,7 @@ import torch
 import yaml
 from conftest import REPO_ROOT, set_args, tiny_overrides
 from safetensors.torch import load_file
-from test_dvc_pipeline import _project_files, _run
+from test_dvc_pipeline import _init_repo, _project_files, _run
 from test_prepare_executors import snapshot, task_bytes_for, write_corpus, write_params
 
 from pipeline.cli import run_command
@@ -580,9 +580,7 @@ def test_dvc_repro_trains_through_the_cluster_like_a_local_run(
     env = {**cluster.env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{cluster.env['PATH']}"}
     env.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t")
     env.update(GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
-    for command in (["git", "init", "-q"], ["dvc", "init", "-q"], ["git", "add", "-A"]):
-        _run(command, root, env)
-    _run(["git", "commit", "-qm", "fresh clone"], root, env)
+    _init_repo(root, env)
 
     output = tmp_path / "repro.out"
     with open(output, "wb") as out:
