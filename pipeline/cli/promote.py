@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from pipeline.cli.train import parse_set
+from pipeline.cli.overrides import parse_set
 from pipeline.config.loader import load_config
 
 

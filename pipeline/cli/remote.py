@@ -19,7 +19,7 @@ from pathlib import Path
 
 import click
 
-from pipeline.cli.train import parse_set
+from pipeline.cli.overrides import parse_set
 from pipeline.config.loader import load_config
 from pipeline.config.schema import StorageConfig
 from pipeline.errors import UserError

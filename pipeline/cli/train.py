@@ -23,22 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import click
-import yaml
 
+from pipeline.cli.overrides import parse_set
 from pipeline.config.loader import load_config
 from pipeline.config.schema import Config
 from pipeline.errors import PREEMPTED_EXIT_CODE, ConfigError
-
-
-def parse_set(values: tuple[str, ...]) -> dict[str, Any]:
-    """`--set training.lr=3e-4` -> {"training.lr": 3e-4} (values parsed as YAML scalars)."""
-    out: dict[str, Any] = {}
-    for item in values:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. training.lr=3e-4")
-        out[key.strip()] = yaml.safe_load(raw)
-    return out
 
 
 def config_from_flags(
