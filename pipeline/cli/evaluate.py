@@ -69,9 +69,12 @@ def format_metrics(metrics: dict[str, float]) -> str:
 @click.option("--benchmark_limit", type=click.IntRange(min=1),
               help="Score only the first N examples of each benchmark.")
 @click.option("--device", help="cpu, cuda, cuda:N or auto (default: training.device).")
+@click.option("--harness", type=click.Choice(["lm-eval"]),
+              help="Score the benchmarks with lm-evaluation-harness on the model's HF export "
+                   "instead (prints its numbers, writes nothing): the extra 'harness'.")
 def evaluate(params_file: str | None, source: str | None, model_config: str | None,
              benchmarks: tuple[str, ...], max_tokens: int | None, benchmark_limit: int | None,
-             device: str | None) -> int:
+             device: str | None, harness: str | None) -> int:
     """Evaluate a trained model: validation metrics, zero-shot tasks and samples."""
     from pipeline.evaluation.model_source import check_model_config, load_model
     from pipeline.evaluation.run import METRICS_FILE, default_source, evaluate_run, metrics_dir
@@ -79,6 +82,10 @@ def evaluate(params_file: str | None, source: str | None, model_config: str | No
 
     logging.basicConfig(format="%(message)s", level=logging.WARNING)  # no-op if configured
     logging.getLogger("pipeline").setLevel(logging.INFO)  # progress lines go to stderr
+    if harness:
+        from pipeline.evaluation.harness import require_lm_eval
+
+        require_lm_eval()  # before any model time
     if params_file is None and Path("params.yaml").is_file():
         params_file = "params.yaml"
     overrides: dict[str, Any] = {
@@ -96,6 +103,11 @@ def evaluate(params_file: str | None, source: str | None, model_config: str | No
     if model_config:
         check_model_config(loaded, model_config)
     config = with_overrides(base or loaded.config, overrides)
+    if harness:
+        from pipeline.evaluation.harness import harness_metrics
+
+        click.echo(format_metrics(harness_metrics(config, loaded)))
+        return 0
     metrics = evaluate_run(config, loaded)
     click.echo(format_metrics(metrics))
     click.echo(f"wrote {metrics_dir(config) / METRICS_FILE}", err=True)

@@ -5,19 +5,25 @@ Every task reduces to "which continuation does the model find most likely", scor
 lm-evaluation-harness so the numbers are comparable with theirs:
 
 - `lambada` (`{"text": ...}`, e.g. lambada_openai's test set): the target is the last word
-  (after the last space), scored as " word" given the text before it. `acc`: greedy decoding
-  reproduces every token of the word; `ppl`: exp of minus the mean per-example log-likelihood
-  of the word (a per-word perplexity, as the harness reports it).
-- `hellaswag` (`ctx`, `endings`, `label`; `activity_label` used when present): the query is
-  "activity_label: ctx" cleaned as the harness does (WikiHow "[title]" and "[header]" markers
-  removed), each ending is a continuation after a space.
+  (after the last space), scored as " word" given the text before it, as the harness's
+  `lambada_openai` splits it. `acc`: greedy decoding reproduces every token of the word;
+  `ppl`: exp of minus the mean per-example log-likelihood of the word (a per-word perplexity,
+  as the harness reports it).
+- `hellaswag` (`endings`, `label`, and `activity_label`, `ctx_a`, `ctx_b` as the public files
+  have them): the query is the harness's, `activity_label + ": " + ctx_a + " " +
+  ctx_b.capitalize()`, cleaned of WikiHow "[title]"/"[header]" markers; a file without
+  `ctx_a`/`ctx_b` uses `ctx` in their place. Each ending is a continuation after a space.
 - `multiple_choice` (`context`, `choices`, `label`): any task of that shape; a space joins
   context and choice unless one side already has whitespace there, or the context is empty.
 
 Multiple-choice tasks report `acc` (highest summed log-likelihood) and `acc_norm`, the
-log-likelihood divided by the continuation's length in characters, which is the harness's
-`acc_norm`. Per character rather than per token so the figure does not depend on the tokenizer
-and can be compared across models with different vocabularies. Ties go to the first choice.
+log-likelihood divided by the length in characters of the choice as the task states it,
+without the space put before it: the harness's definition (`len(choice)` of `doc_to_choice`,
+the target delimiter not counted). Per character rather than per token so the figure does not
+depend on the tokenizer. Ties go to the first choice. Requests are tokenized as the harness
+does: the context alone, and the continuation as what encoding context + continuation adds.
+`gpt3 evaluate --harness lm-eval` runs the harness itself on the same files (`harness.py`),
+and tests/test_harness.py checks the two agree item by item.
 """
 
 from __future__ import annotations
@@ -40,19 +46,22 @@ class Example:
 
     context: str
     choices: tuple[str, ...]
+    """The continuations scored, with the space (if any) that joins each to the context."""
     label: int
     where: str
+    norm_lengths: tuple[int, ...]
+    """`acc_norm`'s divisor per choice: its length in characters without the joining space."""
 
 
 # --------------------------------------------------------------------------- parsers
 
 
 def parse_lambada(record: Record) -> Example:
-    text = record.string("text").strip()
+    text = record.string("text")
     context, space, word = text.rpartition(" ")
-    if not space or not context.strip() or not word:
+    if not space or not context.strip() or not word.strip():
         raise record.error("field 'text' needs a context and a last word separated by a space")
-    return Example(context, (" " + word,), 0, record.where)
+    return Example(context, (" " + word,), 0, record.where, (len(word),))
 
 
 def _clean_hellaswag(text: str) -> str:
@@ -63,14 +72,20 @@ def _clean_hellaswag(text: str) -> str:
 
 
 def parse_hellaswag(record: Record) -> Example:
-    ctx = record.string("ctx")
+    if "ctx_a" in record.fields and "ctx_b" in record.fields:
+        ctx_b = record.string("ctx_b", allow_empty=True)
+        ctx = record.string("ctx_a") + " " + ctx_b.capitalize()
+    else:
+        ctx = record.string("ctx")
     activity = record.fields.get("activity_label")
     query = f"{activity}: {ctx}" if isinstance(activity, str) and activity.strip() else ctx
     endings = [_clean_hellaswag(e) for e in record.strings("endings")]
     if any(not e for e in endings):
         raise record.error("an ending is empty after removing bracketed markers")
     label = record.label("label", len(endings))
-    return Example(_clean_hellaswag(query), tuple(" " + e for e in endings), label, record.where)
+    continuations = tuple(" " + e for e in endings)
+    lengths = tuple(len(e) for e in endings)
+    return Example(_clean_hellaswag(query), continuations, label, record.where, lengths)
 
 
 def parse_multiple_choice(record: Record) -> Example:
@@ -80,7 +95,7 @@ def parse_multiple_choice(record: Record) -> Example:
     joined = tuple(
         c if not context or context[-1].isspace() or c[0].isspace() else " " + c for c in choices
     )
-    return Example(context, joined, label, record.where)
+    return Example(context, joined, label, record.where, tuple(len(c) for c in choices))
 
 
 # --------------------------------------------------------------------------- aggregation
@@ -105,7 +120,8 @@ def aggregate_choice(examples: Sequence[Example], scores: Sequence[Sequence[Scor
     hits = hits_norm = 0
     for example, choice_scores in zip(examples, scores, strict=True):
         raw = [s.loglik for s in choice_scores]
-        norm = [s.loglik / len(c) for s, c in zip(choice_scores, example.choices, strict=True)]
+        lengths = example.norm_lengths
+        norm = [s.loglik / n for s, n in zip(choice_scores, lengths, strict=True)]
         hits += _argmax(raw) == example.label
         hits_norm += _argmax(norm) == example.label
     return {"acc": hits / len(examples), "acc_norm": hits_norm / len(examples)}
@@ -144,17 +160,23 @@ def task_spec(name: str) -> TaskSpec:
 def build_requests(example: Example, tokenizer: Tokenizer) -> list[Request]:
     """Token requests of an example: one per choice, sharing the encoded context.
 
-    Whitespace at the end of the context moves to the front of each continuation, so a word
-    and its leading space form one token as in running text. An empty context becomes the
-    end-of-text token, the model's "start of document".
+    As lm-evaluation-harness encodes a pair: whitespace at the end of the context moves to the
+    front of each continuation (a word and its leading space form one token, as in running
+    text); the continuation's tokens are those that encoding context + continuation adds after
+    the context's own tokens. An empty context becomes the end-of-text token, the model's
+    "start of document", and the continuation is encoded alone.
     """
     context = example.context.rstrip()
     moved = example.context[len(context) :]
-    context_ids = tuple(tokenizer.encode(context)) or (tokenizer.eot_id,)
+    context_ids = tuple(tokenizer.encode(context))
     requests = []
     for choice in example.choices:
-        continuation = tuple(tokenizer.encode(moved + choice))
+        if context_ids:
+            whole = tokenizer.encode(context + moved + choice)
+            continuation = tuple(whole[len(context_ids) :])
+        else:
+            continuation = tuple(tokenizer.encode(moved + choice))
         if not continuation:
             raise DataError(f"{example.where}: a choice encodes to no tokens")
-        requests.append(Request(context_ids, continuation))
+        requests.append(Request(context_ids or (tokenizer.eot_id,), continuation))
     return requests
