@@ -8,8 +8,12 @@ Hugging Face export all start from it.
 
 from __future__ import annotations
 
+import logging
 import os
+import secrets
 import shutil
+import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -21,32 +25,65 @@ from pipeline.config.schema import Config
 from pipeline.data.sources import primary_folder
 from pipeline.errors import CheckpointError
 from pipeline.model import GPT
+from pipeline.model_manifest import manifest_problem, write_manifest
+
+logger = logging.getLogger("pipeline.train")
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.yaml"
 
 
 def save_model_dir(model: GPT, config: Config, vocab_size: int, out_dir: Path) -> Path:
-    """Write weights, resolved config, the data's tokenizer and meta; swap into place atomically."""
+    """Write weights, resolved config, the data's tokenizer, meta and the checksum manifest into
+    a new folder beside `out_dir`, then swap it into place.
+
+    Deletes nothing it did not make: the folder it assembles has a fresh unique name, and what
+    was at `out_dir` is deleted only when its manifest shows it is a model folder this pipeline
+    wrote, unchanged. Anything else there is moved aside (`<name>.previous-<date>-<random>`) and
+    the log says where.
+    """
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_model(model, str(tmp / WEIGHTS))
-    resolved = config.model_copy(deep=True)
-    resolved.model.vocab_size = vocab_size
-    (tmp / CONFIG).write_text(dump_config(resolved))
-    prepared = primary_folder(config.data)
-    for item in prepared.iterdir():
-        if item.is_file() and item.suffix != ".bin":
-            shutil.copy2(item, tmp / item.name)
-    old = out_dir.with_name(out_dir.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out_dir.exists():
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    try:
+        save_model(model, str(tmp / WEIGHTS))
+        resolved = config.model_copy(deep=True)
+        resolved.model.vocab_size = vocab_size
+        (tmp / CONFIG).write_text(dump_config(resolved))
+        prepared = primary_folder(config.data)
+        for item in prepared.iterdir():
+            if item.is_file() and item.suffix != ".bin":
+                shutil.copy2(item, tmp / item.name)
+        write_manifest(tmp)
+        previous = _set_aside(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # made above, in this call
+        raise
+    if previous is not None:
+        shutil.rmtree(previous)  # verified above to be an unchanged model folder of ours
     return out_dir
+
+
+def _set_aside(out_dir: Path) -> Path | None:
+    """Clear `out_dir` for the new folder; return it (renamed) if it may be deleted after."""
+    if not (out_dir.exists() or out_dir.is_symlink()):
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    ours = out_dir.is_dir() and not out_dir.is_symlink() and manifest_problem(out_dir) is None
+    if ours:
+        aside = out_dir.with_name(f".{out_dir.name}.old-{stamp}-{secrets.token_hex(4)}")
+    else:
+        aside = out_dir.with_name(f"{out_dir.name}.previous-{stamp}-{secrets.token_hex(4)}")
+    os.rename(out_dir, aside)
+    if ours:
+        return aside
+    logger.warning(
+        "%s was not a model folder this pipeline wrote (or was changed since); moved to %s",
+        out_dir,
+        aside,
+    )
+    return None
 
 
 def load_model_dir(path: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, Config]:

@@ -135,6 +135,12 @@ LITERAL_FIELDS: dict[str, list[str]] = {
     "distributed.launcher": ["none", "torchrun", "deepspeed", "slurm"],
     "distributed.strategy": ["auto", "single", "ddp", "deepspeed", "fsdp"],
 }
+CONFINED = {
+    "name": lambda v: v.strip() and v not in (".", "..") and not set(v) & set("/\\"),
+    "output_root": lambda v: not os.path.normpath(v.replace("\\", "/")).startswith(".."),
+}
+"""Fields that place the run directory: valid only when it stays inside the project
+(tests/test_paths_confined.py checks the refusals)."""
 LIST_FIELDS = ["data.inputs", "evaluation.benchmarks", "evaluation.sample_prompts"]
 OPTIONAL = {
     "training.max_steps",
@@ -377,7 +383,9 @@ def valid_values(draw: st.DrawFn) -> tuple[str, Any]:
     """(dotted key, a value the spec allows) for non-numeric fields."""
     kind = draw(st.sampled_from(["str", "bool", "literal", "list"]))
     if kind == "str":
-        return draw(st.sampled_from(STR_FIELDS)), draw(plain_text)
+        dotted, value = draw(st.sampled_from(STR_FIELDS)), draw(plain_text)
+        assume(dotted not in CONFINED or CONFINED[dotted](value))
+        return dotted, value
     if kind == "bool":
         return draw(st.sampled_from(BOOL_FIELDS)), draw(st.booleans())
     if kind == "literal":

@@ -7,6 +7,8 @@ whole resolved config is checked once, up front, before anything is written.
 
 from __future__ import annotations
 
+import ntpath
+import posixpath
 import re
 from typing import Literal
 
@@ -373,6 +375,37 @@ class Config(Section):
             )
         return self
 
+    @model_validator(mode="after")
+    def _run_dir_is_confined(self) -> Config:
+        """`<output_root>/<name>` stays inside output_root; a relative root stays in the project.
+
+        `name` is then one folder name (no separator, not `.` or `..`), so `--set name=../x`
+        cannot put a run (or delete a model folder) elsewhere. An absolute output_root or
+        output_dir is an explicit choice and taken as given.
+        """
+        problems = []
+        if self.output_dir is None and not _one_folder_name(self.name):
+            problems.append(
+                CrossFieldError(
+                    f"name {self.name!r} must be one folder name (no '/' or '\\', not '.' or "
+                    "'..'): runs go to <output_root>/<name>; use output_dir for another place",
+                    "name",
+                )
+            )
+        for key in ("output_root", "output_dir"):
+            value = getattr(self, key)
+            if value and _climbs_out(value):
+                problems.append(
+                    CrossFieldError(
+                        f"{key} {value!r} climbs out of the project with '..'; give an "
+                        "absolute path to write elsewhere",
+                        key,
+                    )
+                )
+        if problems:
+            raise CrossFieldError.combine(problems)
+        return self
+
     @property
     def run_dir(self) -> str:
         """The experiment directory: `output_dir`, else `<output_root>/<name>`."""
@@ -382,3 +415,15 @@ class Config(Section):
     def seq_len(self) -> int:
         """Training sequence length after defaulting to the model's context."""
         return self.training.seq_len or self.model.n_ctx
+
+
+def _one_folder_name(name: str) -> bool:
+    """Is `name` a single path component that stays where it is put?"""
+    return bool(name.strip()) and name not in (".", "..") and not set(name) & {"/", "\\", "\0"}
+
+
+def _climbs_out(path: str) -> bool:
+    """Does a relative path lead above the working directory (`../x`, `a/../../x`)?"""
+    if posixpath.isabs(path) or ntpath.isabs(path):
+        return False
+    return posixpath.normpath(path.replace("\\", "/")).split("/")[0] == ".."
