@@ -12,6 +12,7 @@ import sys
 import click
 
 from pipeline.errors import USER_ERROR_EXIT_CODE, UserError
+from pipeline.redact import redact
 
 SUBCOMMANDS = {
     "prepare": "pipeline.cli.prepare:prepare",
@@ -52,7 +53,7 @@ def run_command(command: click.Command, args: list[str] | None = None) -> None:
     try:
         code = command.main(args=args, standalone_mode=False)
     except UserError as exc:
-        click.echo(f"error: {exc}", err=True)
+        click.echo(f"error: {redact(str(exc))}", err=True)  # no password of a URL
         sys.exit(USER_ERROR_EXIT_CODE)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)

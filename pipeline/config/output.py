@@ -1,4 +1,8 @@
-"""Write a resolved config out: as YAML, and as flat dotted keys for MLflow params."""
+"""Write a resolved config out: as YAML, and as flat dotted keys for MLflow params.
+
+Everything written goes through `public_values`, so a password in a URL (`tracking.uri`,
+`storage.url`) never reaches a file, a checkpoint or MLflow (see `pipeline.redact`).
+"""
 
 from __future__ import annotations
 
@@ -9,11 +13,17 @@ from pydantic import BaseModel
 
 from pipeline.config.schema import Config
 from pipeline.config.schema_walk import nested_model
+from pipeline.redact import redact_values
+
+
+def public_values(config: Config) -> dict[str, Any]:
+    """The config as JSON-like values, credentials in URLs replaced by `***`."""
+    return redact_values(config.model_dump(mode="json"))
 
 
 def dump_config(config: Config) -> str:
     """The resolved config as YAML, in field order, for `resolved_config.yaml` and MLflow."""
-    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+    return yaml.safe_dump(public_values(config), sort_keys=False)
 
 
 def _flatten_schema(
@@ -40,4 +50,4 @@ def flatten_config(config: Config) -> dict[str, Any]:
     The keys depend only on the schema: an unset optional section (`training.batch_ramp: null`)
     still gives its leaves (`training.batch_ramp.start_tokens: None`).
     """
-    return _flatten_schema(Config, config.model_dump(mode="json"))
+    return _flatten_schema(Config, public_values(config))

@@ -22,6 +22,7 @@ import time
 from collections.abc import Mapping
 
 from pipeline.config.schema import Config
+from pipeline.redact import redact
 from pipeline.tracking import mlflow_setup
 
 logger = logging.getLogger("pipeline.evaluate")
@@ -42,8 +43,9 @@ def log_to_tracking(
         from mlflow.entities import Metric
         from mlflow.tracking import MlflowClient
 
-        mlflow_setup.configure_environment(config.tracking.request_timeout_s)  # no long retries
-        client = MlflowClient(tracking_uri=resolve_tracking_uri(config))
+        uri = resolve_tracking_uri(config)
+        mlflow_setup.configure_environment(config.tracking.request_timeout_s, uri)  # no retries
+        client = MlflowClient(tracking_uri=uri)
         now = int(time.time() * 1000)
         batch = [
             Metric(key=name, value=float(value), timestamp=now, step=step)
@@ -52,6 +54,8 @@ def log_to_tracking(
         ]
         client.log_batch(run_id, metrics=batch)
     except Exception as exc:  # any tracking failure: warn, never fail the evaluation
-        logger.warning("could not log evaluation metrics to MLflow run %s: %s", run_id, exc)
+        logger.warning(
+            "could not log evaluation metrics to MLflow run %s: %s", run_id, redact(str(exc))
+        )
         return False
     return True

@@ -38,6 +38,7 @@ from pathlib import Path
 from pipeline.config.loader import dump_config
 from pipeline.config.schema import Config
 from pipeline.errors import ConfigError, UserError
+from pipeline.redact import redact
 
 TRAIN_STAGE = Path(__file__).resolve().parents[2] / "stages" / "train.py"
 """The command DVC runs; every training process of the job runs it too."""
@@ -183,6 +184,15 @@ def render_script(
         "checkpoints and exits,",
         f"# then the job requeues itself (at most {slurm.max_requeues} times) and resumes from "
         "`latest`.",
+        *(
+            [
+                "# tracking.uri holds credentials, written here as ***: the job reads the real URI",
+                "# from MLFLOW_TRACKING_URI in the environment sbatch passes on (`gpt3 slurm "
+                "submit` sets it).",
+            ]
+            if redact(config.tracking.uri) != config.tracking.uri
+            else []
+        ),
     ]
     body = [
         "set -u",

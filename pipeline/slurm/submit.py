@@ -19,6 +19,7 @@ import click
 
 from pipeline.config.schema import Config
 from pipeline.errors import UserError
+from pipeline.redact import redact
 from pipeline.slurm.script import (
     SCRIPT_NAME,
     check_resume,
@@ -81,8 +82,9 @@ def submit(
     sbatch = sbatch_executable()
     script = write_script(config, resume)
     command = [sbatch, "--parsable", *(["--wait"] if wait else []), str(script)]
+    env = job_environment(config)
     with subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
     ) as proc:
         assert proc.stdout is not None
         first = proc.stdout.readline()  # `--parsable`: "<job id>[;<cluster>]" at submission
@@ -101,6 +103,16 @@ def submit(
             click.echo(f"job {job_id} keeps running; `scancel {job_id}` stops it", err=True)
             raise
     return Submitted(job_id, script, submitted.output, proc.returncode if wait else None)
+
+
+def job_environment(config: Config) -> dict[str, str]:
+    """sbatch's environment, which the job inherits: with the real tracking URI when the
+    script could only carry it redacted (credentials never go into the script file)."""
+    env = dict(os.environ)
+    uri = config.tracking.uri
+    if redact(uri) != uri and not env.get("MLFLOW_TRACKING_URI"):
+        env["MLFLOW_TRACKING_URI"] = uri
+    return env
 
 
 def submit_and_wait(config: Config, resume: str | None = None) -> int:

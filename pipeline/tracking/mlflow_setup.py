@@ -22,6 +22,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
+from pipeline.errors import ConfigError
+from pipeline.redact import has_redacted_secret, redact
+
 SQLITE_PREFIX = "sqlite:///"
 ARTIFACTS_DIR = "mlartifacts"
 """Folder beside a local database that holds its experiments' artifacts (git/dvc-ignored)."""
@@ -39,6 +42,12 @@ def project_root() -> Path:
 def resolve_tracking_uri(configured: str) -> str:
     """The URI to use: the environment's, else `configured`; relative local paths made absolute."""
     uri = os.environ.get("MLFLOW_TRACKING_URI") or configured
+    if has_redacted_secret(uri):
+        raise ConfigError(
+            f"tracking URI {uri} has '***' where its password was (configs the pipeline writes "
+            "are redacted): set MLFLOW_TRACKING_URI, or MLFLOW_TRACKING_USERNAME and "
+            "MLFLOW_TRACKING_PASSWORD, in the environment"
+        )
     if uri.startswith(SQLITE_PREFIX):
         path = unquote(uri[len(SQLITE_PREFIX) :])
         if path and path != ":memory:" and not Path(path).is_absolute():
@@ -75,16 +84,19 @@ def artifact_location(uri: str, experiment: str) -> str | None:
     return (store / ARTIFACTS_DIR / slug).as_uri()
 
 
-def configure_environment(timeout_s: float) -> None:
+def configure_environment(timeout_s: float, uri: str = "") -> None:
     """Short MLflow HTTP timeouts and no progress bars for this process, unless the user chose.
 
     MLflow reads these variables on every request, so setting them before the first client
     call is enough; `setdefault` leaves an explicit user choice alone. The artifact progress
-    bars would otherwise interleave with the training log on stderr.
+    bars would otherwise interleave with the training log on stderr. When `uri` carries
+    credentials, MLflow's "View run at <uri>" lines are switched off: they print the password.
     """
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(max(1, round(timeout_s))))
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    if redact(uri) != uri:
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
 
 
 def get_or_create_experiment(client: Any, name: str, uri: str) -> str:

@@ -77,8 +77,8 @@ class MlflowTracker:
         self._bad_names: set[str] = set()
         if not self.active:
             return
-        configure_environment(settings.request_timeout_s)
         self.uri = resolve_tracking_uri(settings.uri)
+        configure_environment(settings.request_timeout_s, self.uri)
         self.flush_timeout_s = settings.flush_timeout_s
         self.outbox = Outbox(settings.queue_size)
         self.sender = MlflowSender(

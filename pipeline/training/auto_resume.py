@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pipeline.config.output import public_values
 from pipeline.config.schema import Config
 from pipeline.errors import CheckpointError
 from pipeline.training.trainer import check_compatible, check_loop_state
@@ -51,7 +52,7 @@ def same_run(saved: dict[str, Any], config: Config) -> bool:
     With an explicit `training.decay_tokens` the schedule does not depend on the run's length,
     so a longer max_steps/max_tokens extends the same run instead of starting a new one.
     """
-    current = config.model_dump(mode="json")
+    current = public_values(config)  # as checkpoints record it
     saved = {**saved, "training": dict(saved.get("training", {}))}
     if config.training.decay_tokens is not None:
         for key in ("max_steps", "max_tokens"):

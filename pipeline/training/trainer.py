@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from pipeline.config.output import public_values
 from pipeline.config.schema import Config
 from pipeline.distributed.strategy import SingleDevice
 from pipeline.errors import CheckpointError
@@ -131,7 +132,7 @@ class Trainer:
             "sampler": parts.sampler.state_dict(),
             "progress": vars(self.progress).copy(),
             "rng": capture_rng_state(),
-            "config": self.config.model_dump(mode="json"),
+            "config": public_values(self.config),  # no credentials in checkpoints
             "data": {"vocab_size": parts.vocab_size, "tokenizer": parts.tokenizer_id},
             "tracking": {"run_id": self.tracking_run_id},
         }
