@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 from pipeline.data.formats import (
     FORMAT_NAMES,
+    TEXT_FIELD_SETTING,
     Piece,
     RawDocument,
     detect_format,
@@ -393,7 +394,7 @@ def test_arrow_column_errors(tmp_path: Path) -> None:
     missing = write_parquet(tmp_path / "missing.parquet", ["a"])
     expect_error(
         lambda: read_input(missing, "body"),
-        f"{missing}: schema: no column 'body' (data.sources[].text_field)",
+        f"{missing}: schema: no column 'body' ({TEXT_FIELD_SETTING})",
         "columns here: 'text', 'n'",
     )
     nulls = write_parquet(tmp_path / "nulls.parquet", ["a", "b", "c", None])
@@ -434,7 +435,7 @@ JSONL_ERRORS = [
     (b'"just a string"\n', ":1: expected a JSON object, got string"),
     (
         b'{"text": "ok"}\n{"body": "x", "id": 3}\n',
-        ":2: no field 'text' (data.sources[].text_field); fields here: 'body', 'id'",
+        f":2: no field 'text' ({TEXT_FIELD_SETTING}); fields here: 'body', 'id'",
     ),
     (b'{"text": null}\n', ":1: field 'text' is null, not a string"),
     (b'{"text": 12}\n', ":1: field 'text' is number, not a string"),

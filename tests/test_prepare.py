@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -436,12 +437,6 @@ def test_every_bad_input_is_one_line_exit_2_and_leaves_prior_outputs(
     assert not (tmp_path / "data" / ".prepare_work").exists()  # no scratch left either
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="an all-empty corpus now says \"source 'files' has 0 document; a split by document "
-    "needs at least 2\", no longer that the inputs hold no text (was: 'empty corpus: no text in "
-    "2 input file(s) (...)')",
-)
 def test_messages_that_regressed(prior, tmp_path: Path, capsys) -> None:
     _target, params, _before = prior
     cases = _bad_inputs(tmp_path / "bad")
@@ -543,7 +538,7 @@ def test_killed_prepare_leaves_previous_outputs_and_next_run_cleans_up(
     process.wait(timeout=30)
     assert snapshot(target) == before
     assert leftovers(target) and leftovers(target)[0].startswith(".prepared.tmp-")
-    scratch = tmp_path / "data" / ".prepare_work" / f"run-{process.pid}"
+    scratch = tmp_path / "data" / ".prepare_work" / f"run-{socket.gethostname()}-{process.pid}"
     assert scratch.is_dir()  # the killed run's scratch space (data.work_dir)
 
     code, _out, _ = run_cli(["--params", str(params), "--no-progress", "--seed", "3"], capsys)
@@ -552,11 +547,6 @@ def test_killed_prepare_leaves_previous_outputs_and_next_run_cleans_up(
     assert verify_prepared(target).seed == 3
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="prepare removes only its own data.work_dir/run-<pid>: a killed run's scratch (key "
-    "files, and the BPE's sample copy of up to data.tokenizer_sample_bytes) stays for good",
-)
 def test_next_run_clears_the_scratch_space_of_a_killed_run(
     prior, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -564,7 +554,7 @@ def test_next_run_clears_the_scratch_space_of_a_killed_run(
     _target, params, _before = prior
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    scratch = tmp_path / "data" / ".prepare_work" / f"run-{dead.pid}"
+    scratch = tmp_path / "data" / ".prepare_work" / f"run-{socket.gethostname()}-{dead.pid}"
     (scratch / "files" / "scan").mkdir(parents=True)
     (scratch / "files" / "scan" / "00000.keys").write_bytes(bytes(24))
     code, _out, _ = run_cli(["--params", str(params), "--no-progress"], capsys)

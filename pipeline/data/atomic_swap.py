@@ -28,7 +28,8 @@ def check_target(target: Path, marker: str = META_FILE) -> None:
         )
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this machine with this id is running (ours counts)."""
     if pid == os.getpid():
         return True
     try:
@@ -46,7 +47,7 @@ def recover_stale_siblings(target: Path) -> None:
     pattern = re.compile(rf"^\.{re.escape(target.name)}\.(tmp|old)-(\d+)-")
     for sibling in sorted(target.parent.iterdir()):
         found = pattern.match(sibling.name)
-        if found is None or _pid_alive(int(found.group(2))):
+        if found is None or pid_alive(int(found.group(2))):
             continue
         if found.group(1) == "old" and not target.exists():
             os.rename(sibling, target)

@@ -24,17 +24,49 @@ from pipeline.data.phases import ERRORS, PhaseJob
 from pipeline.errors import ConfigError, DataError
 
 
+class LocalPool:
+    """Spawned worker processes kept for every pass of one prepare (starting a pool of spawned
+    interpreters costs about a second, per pass if made anew). Spawned, not forked: HF
+    tokenizers' threads and fork do not mix."""
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self._pool: Any = None
+
+    def imap(self, job: PhaseJob, ranks: range) -> Any:
+        if self._pool is None:
+            self._pool = multiprocessing.get_context("spawn").Pool(processes=self.workers)
+        return self._pool.imap(_RankRunner(job), ranks)
+
+    def __enter__(self) -> LocalPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._pool is not None:
+            self._pool.terminate() if exc[0] is not None else self._pool.close()
+            self._pool.join()
+            self._pool = None
+
+
 def run_phase(
     job: PhaseJob,
     data: DataConfig,
     slurm: SlurmConfig,
     on_done: Callable[[int], None] | None = None,
+    pool: LocalPool | None = None,
 ) -> None:
-    """Run every task of `job`; the first task's bad-input error is raised as a DataError."""
+    """Run every task of `job`; the first task's bad-input error is raised as a DataError.
+
+    `pool` (local executor) is reused across passes; without one, a pool lives for this call.
+    """
     count = len(job.tasks)
     try:
         if data.executor == "local":
-            _run_local(job, count, data.num_workers, on_done)
+            if pool is None:
+                with LocalPool(data.num_workers) as own:
+                    _run_local(job, count, own, on_done)
+            else:
+                _run_local(job, count, pool, on_done)
         elif data.executor == "datatrove":
             _run_datatrove_local(job, count, data.num_workers)
         else:
@@ -69,21 +101,18 @@ def _raise_task_error(job: PhaseJob) -> None:
 
 
 def _run_local(
-    job: PhaseJob, count: int, workers: int, on_done: Callable[[int], None] | None
+    job: PhaseJob, count: int, pool: LocalPool, on_done: Callable[[int], None] | None
 ) -> None:
-    """In this process for one worker; else spawned processes (HF tokenizers' threads and
-    fork do not mix)."""
-    if workers == 1 or count == 1:
+    """In this process for one worker or one task; else in the pool's processes."""
+    if pool.workers == 1 or count == 1:
         for rank in range(count):
             job(rank)
             if on_done:
                 on_done(rank)
         return
-    context = multiprocessing.get_context("spawn")
-    with context.Pool(processes=min(workers, count)) as pool:
-        for rank in pool.imap(_RankRunner(job), range(count)):
-            if on_done:
-                on_done(rank)
+    for rank in pool.imap(job, range(count)):
+        if on_done:
+            on_done(rank)
 
 
 class _RankRunner:

@@ -29,7 +29,7 @@ import zstandard
 from pipeline.errors import DataError
 
 FORMAT_NAMES: tuple[str, ...] = ("txt", "jsonl", "jsonl.gz", "jsonl.zst", "parquet", "hf_dataset")
-TEXT_FIELD_SETTING = "data.sources[].text_field"
+TEXT_FIELD_SETTING = "data.sources.<name>.text_field, or data.jsonl_field for one source"
 """The setting that names the text field or column, for messages."""
 
 _SUFFIXES = (

@@ -29,7 +29,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Iterator
@@ -40,9 +42,14 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline.config.schema import Config, DataConfig
-from pipeline.data.atomic_swap import check_target, recover_stale_siblings, swap_into_place
+from pipeline.data.atomic_swap import (
+    check_target,
+    pid_alive,
+    recover_stale_siblings,
+    swap_into_place,
+)
 from pipeline.data.doc_keys import KeyChunk, iter_positions, smallest_within, val_count
-from pipeline.data.executors import run_phase
+from pipeline.data.executors import LocalPool, run_phase
 from pipeline.data.inputs import InputFile, Task, plan_tasks, source_inputs
 from pipeline.data.phases import (
     Cuts,
@@ -175,7 +182,9 @@ def _bar(total: int, desc: str, progress: bool) -> tqdm:
     return tqdm(total=total, unit="task", desc=desc, disable=not progress)
 
 
-def _scan(config: Config, spec: SourceSpec, work_root: Path, progress: bool) -> ScannedSource:
+def _scan(
+    config: Config, spec: SourceSpec, work_root: Path, progress: bool, pool: LocalPool
+) -> ScannedSource:
     data = config.data
     inputs = tuple(source_inputs(spec))
     tasks = tuple(plan_tasks(inputs, data.task_bytes))
@@ -184,13 +193,18 @@ def _scan(config: Config, spec: SourceSpec, work_root: Path, progress: bool) -> 
     work.mkdir(parents=True)
     job = PhaseJob("scan", tasks, inputs, spec.text_field, config.seed, str(work))
     with _bar(len(tasks), f"scan {spec.name}", progress) as bar:
-        run_phase(job, data, config.slurm, on_done=lambda _: bar.update())
+        run_phase(job, data, config.slurm, lambda _: bar.update(), pool)
     summaries = [read_scan_summary(work, rank) for rank in range(len(tasks))]
     counts = tuple(s["documents"] for s in summaries)
     total = sum(counts)
+    if total == 0:
+        names = ", ".join(item.display for item in inputs[:3]) + (
+            ", ..." if len(inputs) > 3 else ""
+        )
+        raise DataError(f"empty corpus: no text in {len(inputs)} input file(s) ({names})")
     if total < 2:
         raise DataError(
-            f"source {spec.name!r} has {total} document; a split by document needs at least 2 "
+            f"source {spec.name!r} has 1 document; a split by document needs at least 2 "
             "(one train, one val): add documents, or split the text into several .txt files "
             "or jsonl lines"
         )
@@ -228,7 +242,7 @@ SOURCE_OFFSET_BITS = 48
 
 
 def _build_tokenizer(
-    config: Config, scanned: list[ScannedSource], folder: Path, progress: bool
+    config: Config, scanned: list[ScannedSource], folder: Path, progress: bool, pool: LocalPool
 ) -> tuple[Tokenizer, SampleMeta | None]:
     """The tokenizer in `folder`: GPT-2's file copied, or a BPE trained on the sample."""
     data = config.data
@@ -247,7 +261,7 @@ def _build_tokenizer(
         source = _with_cuts(source, cuts)
         job = _job(source, config, "sample")
         with _bar(len(source.tasks), f"sample {source.spec.name}", progress) as bar:
-            run_phase(job, data, config.slurm, on_done=lambda _: bar.update())
+            run_phase(job, data, config.slurm, lambda _: bar.update(), pool)
         sampled.append(source)
 
     stats = {"documents": 0, "text_bytes": 0}
@@ -283,6 +297,7 @@ def _encode(
     sample: SampleMeta | None,
     folder: Path,
     progress: bool,
+    pool: LocalPool,
 ) -> PreparedMeta:
     """Tokenize `source` into `folder` (which holds the tokenizer file) and write meta.json."""
     data = config.data
@@ -298,7 +313,7 @@ def _encode(
         shard_max_tokens=max(1, data.shard_max_bytes // dtype.itemsize),
     )
     with _bar(len(source.tasks), f"encode {source.spec.name}", progress) as bar:
-        run_phase(job, data, config.slurm, on_done=lambda _: bar.update())
+        run_phase(job, data, config.slurm, lambda _: bar.update(), pool)
     results = [read_encode_result(source.work_dir, r) for r in range(len(source.tasks))]
     outputs = {tokenizer.file.name: file_sha256(tokenizer.file)}
     splits: dict[Split, SplitMeta] = {}
@@ -410,16 +425,19 @@ def prepare_data(
     tokenizer built before.
     """
     data = config.data
-    work_root = Path(data.work_dir) / f"run-{os.getpid()}"
+    work_root = Path(data.work_dir) / f"run-{socket.gethostname()}-{os.getpid()}"
     tokenizer_kind(data.tokenizer).plan(data)  # settings and files checked before any work
+    clear_stale_work(Path(data.work_dir))
     try:
-        if not data.sources:
-            summaries = [_prepare_single(config, data_sources(data)[0], work_root, progress)]
-        elif source is not None:
-            spec = find_source(data, source)
-            summaries = [_prepare_one_of_mixture(config, spec, work_root, progress)]
-        else:
-            summaries = _prepare_mixture(config, work_root, progress, tokenizer_only)
+        with LocalPool(data.num_workers) as pool:
+            if not data.sources:
+                spec = data_sources(data)[0]
+                summaries = [_prepare_single(config, spec, work_root, progress, pool)]
+            elif source is not None:
+                spec = find_source(data, source)
+                summaries = [_prepare_one_of_mixture(config, spec, work_root, progress, pool)]
+            else:
+                summaries = _prepare_mixture(config, work_root, progress, tokenizer_only, pool)
     except BaseException:
         _keep_only_logs(work_root)  # what a failed task's message points at
         raise
@@ -427,6 +445,16 @@ def prepare_data(
     if Path(data.work_dir).is_dir() and not any(Path(data.work_dir).iterdir()):
         Path(data.work_dir).rmdir()
     return summaries
+
+
+def clear_stale_work(work_dir: Path) -> None:
+    """Delete what killed prepares on this machine left in `work_dir` (their key files and
+    tokenizer samples); runs of other machines sharing the folder are left alone."""
+    pattern = re.compile(rf"^run-{re.escape(socket.gethostname())}-(\d+)$")
+    for item in sorted(work_dir.iterdir()) if work_dir.is_dir() else []:
+        found = pattern.match(item.name)
+        if found and not pid_alive(int(found.group(1))):
+            shutil.rmtree(item, ignore_errors=True)
 
 
 def _keep_only_logs(work_root: Path) -> None:
@@ -444,20 +472,20 @@ def _keep_only_logs(work_root: Path) -> None:
 
 
 def _prepare_single(
-    config: Config, spec: SourceSpec, work_root: Path, progress: bool
+    config: Config, spec: SourceSpec, work_root: Path, progress: bool, pool: LocalPool
 ) -> PrepareSummary:
     started = time.perf_counter()
     staging = _Staging(spec.folder)
-    scanned = _scan(config, spec, work_root, progress)
+    scanned = _scan(config, spec, work_root, progress, pool)
     with staging as folder:
-        tokenizer, sample = _build_tokenizer(config, [scanned], folder, progress)
-        meta = _encode(config, scanned, tokenizer, sample, folder, progress)
+        tokenizer, sample = _build_tokenizer(config, [scanned], folder, progress, pool)
+        meta = _encode(config, scanned, tokenizer, sample, folder, progress, pool)
         staging.commit()
     return PrepareSummary(spec.folder, meta, time.perf_counter() - started)
 
 
 def _prepare_mixture(
-    config: Config, work_root: Path, progress: bool, tokenizer_only: bool
+    config: Config, work_root: Path, progress: bool, tokenizer_only: bool, pool: LocalPool
 ) -> list[PrepareSummary]:
     data = config.data
     specs = data_sources(data)
@@ -467,10 +495,10 @@ def _prepare_mixture(
     if data.tokenizer != "bpe":
         learn_from = []  # a fixed vocabulary learns from nothing
     needed = [spec for spec in specs if spec.name in learn_from or not tokenizer_only]
-    scanned = [_scan(config, spec, work_root, progress) for spec in needed]
+    scanned = [_scan(config, spec, work_root, progress, pool) for spec in needed]
     with tokenizer_staging as folder:
         teachers = [source for source in scanned if source.spec.name in learn_from]
-        tokenizer, sample = _build_tokenizer(config, teachers, folder, progress)
+        tokenizer, sample = _build_tokenizer(config, teachers, folder, progress, pool)
         record = {
             "kind": tokenizer.kind,
             "file": tokenizer.file.name,
@@ -489,18 +517,20 @@ def _prepare_mixture(
     summaries = []
     for source, staging in zip(scanned, stagings, strict=True):
         started = time.perf_counter()
-        summaries.append(_encode_into(config, source, shared, sample, staging, progress, started))
+        summaries.append(
+            _encode_into(config, source, shared, sample, staging, progress, started, pool)
+        )
     return summaries
 
 
 def _prepare_one_of_mixture(
-    config: Config, spec: SourceSpec, work_root: Path, progress: bool
+    config: Config, spec: SourceSpec, work_root: Path, progress: bool, pool: LocalPool
 ) -> PrepareSummary:
     started = time.perf_counter()
     staging = _Staging(spec.folder)
     shared, sample = _shared_tokenizer(config.data)
-    scanned = _scan(config, spec, work_root, progress)
-    return _encode_into(config, scanned, shared, sample, staging, progress, started)
+    scanned = _scan(config, spec, work_root, progress, pool)
+    return _encode_into(config, scanned, shared, sample, staging, progress, started, pool)
 
 
 def _encode_into(
@@ -511,11 +541,12 @@ def _encode_into(
     staging: _Staging,
     progress: bool,
     started: float,
+    pool: LocalPool,
 ) -> PrepareSummary:
     with staging as folder:
         copy = folder / shared.file.name
         shutil.copyfile(shared.file, copy)
         tokenizer = open_tokenizer(shared.kind, folder)
-        meta = _encode(config, source, tokenizer, sample, folder, progress)
+        meta = _encode(config, source, tokenizer, sample, folder, progress, pool)
         staging.commit()
     return PrepareSummary(source.spec.folder, meta, time.perf_counter() - started)
