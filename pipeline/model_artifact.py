@@ -25,7 +25,7 @@ from pipeline.config.schema import Config
 from pipeline.data.sources import primary_folder
 from pipeline.errors import CheckpointError
 from pipeline.model import GPT
-from pipeline.model_manifest import manifest_problem, write_manifest
+from pipeline.model_manifest import manifest_problem, verify_model_files, write_manifest
 
 logger = logging.getLogger("pipeline.train")
 
@@ -87,15 +87,32 @@ def _set_aside(out_dir: Path) -> Path | None:
 
 
 def load_model_dir(path: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, Config]:
-    """Load an exported model folder; a missing or broken folder is a CheckpointError."""
+    """Load an exported model folder; a missing, changed or broken folder is a CheckpointError.
+
+    Every file is checked against the folder's manifest first, so altered weights are never
+    evaluated, served or exported; a config that does not parse is one line, not a traceback.
+    """
     path = Path(path)
     if not (path / WEIGHTS).is_file() or not (path / CONFIG).is_file():
         raise CheckpointError(f"{path}: not a model folder (needs {WEIGHTS} and {CONFIG})")
-    config = Config.model_validate(yaml.safe_load((path / CONFIG).read_text()))
-    assert config.model.vocab_size is not None
+    verify_model_files(path)
+    config = read_model_config(path / CONFIG)
     model = GPT(config.model, config.model.vocab_size)
     try:
         load_model(model, str(path / WEIGHTS), strict=True)
     except Exception as exc:  # safetensors raises several types for bad files
         raise CheckpointError(f"{path / WEIGHTS}: cannot load weights: {exc}") from None
     return model.to(device).eval(), config
+
+
+def read_model_config(path: Path) -> Config:
+    """A model folder's `config.yaml` as a validated Config; anything else a CheckpointError."""
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8"))
+        config = Config.model_validate(values)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, ValueError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise CheckpointError(f"{path}: not a readable model config: {first}") from None
+    if config.model.vocab_size is None:
+        raise CheckpointError(f"{path}: model.vocab_size is missing; export the model again")
+    return config

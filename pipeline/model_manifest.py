@@ -1,10 +1,11 @@
 """The model folder's checksum manifest: the list of its files and their SHA-256.
 
 `<model>/checksums.sha256`, in `sha256sum -c` format, lists every file of an exported model
-folder. It is written last by `save_model_dir` and checked by `load_model_dir`, so a flipped
-byte in `model.safetensors` or an edited `config.yaml` is refused instead of evaluated,
-served or exported with altered weights. It also tells a model folder this pipeline wrote from
-any other folder at that path, which is never deleted (see `pipeline.model_artifact`).
+folder but `tracking.json`. It is written last by `save_model_dir` and checked by
+`load_model_dir`, so a flipped byte in `model.safetensors` or an edited `config.yaml` is
+refused instead of evaluated, served or exported with altered weights. It also tells a model
+folder this pipeline wrote from any other folder at that path, which is never deleted (see
+`pipeline.model_artifact`).
 
 The manifest proves integrity (nothing changed since it was written), not origin: whoever can
 write the folder can rewrite the manifest. A model folder holds no pickles, so a forged one
@@ -20,13 +21,16 @@ from pipeline.errors import CheckpointError
 from pipeline.hashing import file_sha256
 
 MANIFEST = "checksums.sha256"
+TRACKING_FILE = "tracking.json"
+"""Written after the manifest, when the MLflow run ends: which run the model belongs to, not
+what it computes, so it is the one file the manifest does not cover (users may write it)."""
 
 
 def _files(folder: Path) -> list[str]:
     return sorted(
         p.relative_to(folder).as_posix()
         for p in folder.rglob("*")
-        if p.is_file() and p.name != MANIFEST
+        if p.is_file() and p.name not in (MANIFEST, TRACKING_FILE)
     )
 
 
@@ -37,21 +41,6 @@ def write_manifest(folder: Path) -> Path:
     tmp.write_text(lines, encoding="ascii")
     os.replace(tmp, folder / MANIFEST)
     return folder / MANIFEST
-
-
-def add_file(folder: Path, name: str) -> None:
-    """Record one file written after the manifest (`tracking.json`), keeping the other lines:
-    the files already listed are not re-hashed, so a change to them still shows."""
-    manifest = folder / MANIFEST
-    lines = [
-        line
-        for line in manifest.read_text(encoding="ascii").splitlines()
-        if line.partition("  ")[2] != name
-    ]
-    lines.append(f"{file_sha256(folder / name)}  {name}")
-    tmp = folder / f".{MANIFEST}.{os.getpid()}.tmp"
-    tmp.write_text("".join(f"{line}\n" for line in sorted(lines, key=lambda x: x[66:])))
-    os.replace(tmp, manifest)
 
 
 def manifest_problem(folder: Path) -> str | None:

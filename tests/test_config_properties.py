@@ -71,7 +71,7 @@ SETTINGS = settings(
 # --------------------------------------------------------------------------------------------
 
 INT_RANGES: dict[str, tuple[int, int | None]] = {
-    "seed": (0, None),
+    "seed": (0, 2**64 - 1),  # torch.manual_seed's range
     "data.vocab_size": (257, 1_000_000),
     "data.num_workers": (1, 256),
     "model.n_layer": (1, None),

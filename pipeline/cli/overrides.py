@@ -21,5 +21,12 @@ def parse_set(values: tuple[str, ...]) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. training.lr=3e-4")
-        out[key.strip()] = yaml.safe_load(raw)
+        try:
+            out[key.strip()] = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            problem = str(getattr(exc, "problem", None) or exc).splitlines()[0]
+            raise ConfigError(
+                f"--set {item!r}: the value is not YAML ({problem}); quote it, e.g. "
+                f"--set '{key.strip()}=\"...\"'"
+            ) from None
     return out

@@ -342,10 +342,14 @@ class DistributedConfig(Section):
     deepspeed_config: str | None = None
 
 
+SEED_MAX = 2**64 - 1
+"""`torch.manual_seed`'s largest seed: a larger one would fail after the run folder exists."""
+
+
 class Config(Section):
     """The whole resolved configuration, as saved to `resolved_config.yaml`."""
 
-    seed: int = Field(default=1337, ge=0)
+    seed: int = Field(default=1337, ge=0, le=SEED_MAX)
     """The one seed: data split, initialisation, sampling order and dropout all derive from it."""
     name: str = "tiny-shakespeare"
     """Experiment name: outputs go to `<output_root>/<name>/`."""

@@ -203,7 +203,11 @@ def open_stream(
     folder = Path(prepared_dir)
     meta = meta if meta is not None else load_meta(folder)
     info = _split_meta(folder, split, meta)
-    return TokenStream([_open_shard(folder, shard, meta.dtype) for shard in info.shards])
+    return TokenStream(
+        [_open_shard(folder, shard, meta.dtype) for shard in info.shards],
+        vocab_size=meta.vocab_size,
+        names=[str(folder / shard.file) for shard in info.shards],
+    )
 
 
 def open_tokens(

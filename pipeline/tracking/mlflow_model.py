@@ -16,8 +16,6 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from pipeline.model_manifest import MANIFEST, add_file
-
 logger = logging.getLogger("pipeline.tracking")
 
 MODEL_NAME = "model"
@@ -43,8 +41,6 @@ def write_tracking_file(model_dir: Path, run_id: str) -> Path:
     """Record the run id in the model folder, so promotion and evaluation find the run."""
     path = Path(model_dir) / TRACKING_FILE
     path.write_text(json.dumps({"run_id": run_id}) + "\n")
-    if (Path(model_dir) / MANIFEST).is_file():
-        add_file(Path(model_dir), TRACKING_FILE)  # the manifest lists every file of the folder
     return path
 
 
