@@ -24,7 +24,7 @@ run: install
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash scripts/run_pipeline.sh
 
 lint: install
-	$(VENV)/bin/ruff check .
+	RUFF=$(VENV)/bin/ruff bash scripts/lint.sh
 
 test: lint
 	$(VENV)/bin/pytest

@@ -213,7 +213,7 @@ def test_plain_launch_ddp_equals_the_single_process_run(ddp_run: Path, reference
     # Rank 0 alone logs and tracks: each step once, one TensorBoard file.
     log = (ddp_run / "logs" / "training.log").read_text()
     assert log.count("step 8: loss") == 1 and log.count(" parameters) on cpu") == 1
-    assert len(list((ddp_run / "logs").glob("events.out.tfevents.*"))) == 1
+    assert len(list((ddp_run / "logs").glob("tb/*/events.out.tfevents.*"))) == 1
     state = torch.load(ddp_run / "checkpoints" / "latest_checkpoint.pt", weights_only=True)
     assert len(state["rng_ranks"]) == 2, "every rank's RNG state is in the checkpoint"
     assert "module." not in "".join(state["model"]), "weights saved from the unwrapped model"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -86,6 +87,14 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, s
     return root, env
 
 
+def _readme_command(prefix: str) -> list[str]:
+    """The README's command line that starts with `prefix`, up to `&&` or a comment."""
+    lines = [line for line in (REPO_ROOT / "README.md").read_text().splitlines()
+             if line.startswith(prefix)]
+    assert len(lines) == 1, f"README has {len(lines)} lines starting {prefix!r}"
+    return shlex.split(lines[0].split(" && ")[0], comments=True)
+
+
 def _mlflow_client(root: Path):
     from mlflow import MlflowClient
 
@@ -151,6 +160,18 @@ def test_repro_then_experiment_then_noop(project: tuple[Path, dict[str, str]]) -
             if any("val_loss" in (m.get("data") or {}) for m in metrics.values()):
                 names_with_eval.append(exp.get("name") or data.get("rev"))
     assert "low-lr" in names_with_eval and len(names_with_eval) >= 2, table
+
+    # The README's table command shows the evaluation's val_loss (not only train.json's).
+    shown = _run(_readme_command("dvc exp show --md"), root, env)
+    header = shown.splitlines()[0]
+    for column in ("eval.json:val_loss", "val_bits_per_byte", "training.lr"):
+        assert column in header, shown
+    assert "low-lr" in shown and "train.json" not in header, shown
+    # ... and its sweep queues one experiment per value.
+    _run(_readme_command("dvc exp run --queue"), root, env)
+    queued = _run(["dvc", "queue", "status"], root, env)
+    assert queued.count("Queued") == 2, queued
+    _run(["dvc", "queue", "remove", "--queued"], root, env)
 
     experiment = client.get_experiment_by_name("gpt3-pipeline")
     runs = client.search_runs([experiment.experiment_id])

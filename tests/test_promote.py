@@ -19,7 +19,7 @@ from conftest import tiny_overrides
 from pipeline.cli.promote import promote as promote_command
 from pipeline.config.loader import load_config
 from pipeline.config.schema import RegistryConfig
-from pipeline.data.prepare import load_meta
+from pipeline.data.prepare import load_meta, prepare_data
 from pipeline.errors import UserError
 from pipeline.registry.promote import decide, promote
 from pipeline.training.run import train
@@ -132,22 +132,103 @@ def test_champion_moves_only_to_a_better_model(trained: Trained, prepared_dir: P
     assert version.run_id == better.candidate.run_id
 
 
+def _evaluated(trained: Trained, run: str, where: Path, metrics: dict) -> Path:
+    """A run directory holding `run`'s model and an eval.json with `metrics`."""
+    shutil.copytree(trained.run_dirs[run] / "model", where / "model")
+    (where / "metrics").mkdir()
+    (where / "metrics" / "eval.json").write_text(json.dumps(metrics))
+    return where
+
+
 def test_eval_json_decides_when_present(trained: Trained, tmp_path: Path) -> None:
-    """The evaluate stage's numbers win over the training run's last val/loss."""
-    run_dir = tmp_path / "evaluated"
-    shutil.copytree(trained.run_dirs["worse"] / "model", run_dir / "model")
-    (run_dir / "metrics").mkdir()
-    (run_dir / "metrics" / "eval.json").write_text(
-        json.dumps({"val_loss": 1.5, "val_perplexity": 4.48, "val_accuracy": None})
-    )
+    """The evaluate stage's numbers win over the training run's last val/loss, and are compared
+    only with numbers the evaluate stage measured with the same settings."""
     name = "tiny-eval"
-    promote(trained.config("base", name))
+    champion_dir = _evaluated(trained, "base", tmp_path / "base", {"val_loss": 9.0})
+    promote(trained.config("base", name, {"output_dir": str(champion_dir)}))
+    # A lower val/loss measured by the training run itself is not comparable: champion stays.
+    by_run = promote(trained.config("better", name))
+    assert by_run.value < 9.0 and (by_run.alias, by_run.promoted) == ("challenger", False)
+    assert "not comparable with champion version 1: other evaluation settings" in by_run.reason
+    assert '"measured_by": "training run"' in by_run.reason
+
+    metrics = {"val_loss": 1.5, "val_perplexity": 4.48, "val_accuracy": None}
+    run_dir = _evaluated(trained, "worse", tmp_path / "evaluated", metrics)
     config = trained.config("worse", name, {"output_dir": str(run_dir)})
     decision = promote(config)
-    assert decision.alias == "champion" and decision.value == 1.5
+    assert decision.alias == "champion" and decision.value == 1.5, decision.reason
     assert decision.candidate.metric_source.endswith("eval.json")
     tags = MlflowClient(trained.store).get_model_version(name, decision.version).tags
     assert tags["val_perplexity"] == "4.48" and "val_accuracy" not in tags
+    assert json.loads(tags["evaluation.settings"])["measured_by"] == "evaluate stage"
+
+    # A better number measured on another token budget is not a better model either.
+    budget = _evaluated(trained, "better", tmp_path / "budget", {"val_loss": 1.0})
+    overrides = {"output_dir": str(budget), "evaluation.max_tokens": 512}
+    other = promote(trained.config("better", name, overrides))
+    assert (other.alias, other.promoted) == ("challenger", False)
+    assert f"champion version {decision.version}: other evaluation settings" in other.reason
+    assert '"max_tokens": 512' in other.reason and "--force" in other.reason
+    assert _aliases(MlflowClient(trained.store), name)["champion"] == decision.version
+
+
+def test_champion_stays_when_the_candidate_saw_other_data(
+    trained: Trained, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The README's "your own data" example: a few steps on three small files with a tiny
+    vocabulary reach a lower val_loss than the champion, which says nothing; the champion
+    stays unless `--force`. A champion registered before versions recorded what they were
+    measured on cannot be compared either."""
+    corpus = tmp_path_factory.mktemp("own_corpus")
+    for number in range(3):
+        (corpus / f"{number}.txt").write_text(f"my own words, file {number}. " * 300)
+    prepared = tmp_path_factory.mktemp("own_prepared") / "prepared"
+    prepare_data(
+        load_config(
+            overrides={
+                "data.sources": {},
+                "data.source": "files",
+                "data.inputs": [str(corpus / "*.txt")],
+                "data.vocab_size": 300,
+                "data.val_fraction": 0.34,
+                "data.prepared_dir": str(prepared),
+            }
+        )
+    )
+    own_dir = tmp_path_factory.mktemp("own_run")
+    own = load_config(
+        overrides=tiny_overrides(
+            prepared,
+            own_dir,
+            {
+                "tracking.enabled": True,
+                "tracking.uri": trained.store,
+                "training.lr": 3e-3,
+                "training.max_steps": 8,
+                "registry.model_name": "tiny-data",
+            },
+        )
+    )
+    train(own, console=False)
+    name = "tiny-data"
+    champion = promote(trained.config("better", name))
+    assert champion.alias == "champion"
+    decision = promote(own)
+    assert decision.value < champion.value, "the other data's loss must look better"
+    assert (decision.alias, decision.promoted) == ("challenger", False)
+    assert "other validation data (data hash)" in decision.reason
+    assert "other tokenizer" in decision.reason
+    client = MlflowClient(trained.store)
+    assert _aliases(client, name)["champion"] == champion.version
+
+    # An old champion without these tags: nothing to compare with, so it is not replaced.
+    for tag in ("data.hash", "tokenizer.sha256", "evaluation.settings"):
+        client.delete_model_version_tag(name, champion.version, tag)
+    again = promote(own)
+    assert again.alias == "challenger" and "the champion records no tokenizer" in again.reason
+    forced = promote(own, force=True)
+    assert forced.promoted and "not measured alike" in forced.reason
+    assert _aliases(client, name)["champion"] == forced.version
 
 
 def test_champion_alias_loads_and_generates(

@@ -76,7 +76,7 @@ def test_loss_decreases_and_outputs_are_written(prepared_dir: Path, tmp_path: Pa
         "checkpoints/latest_checkpoint.pt",
     ):
         assert (run_dir / path).is_file(), path
-    assert list((run_dir / "logs").glob("events.out.tfevents.*")), "no TensorBoard events"
+    assert list((run_dir / "logs").glob("tb/*/events.out.tfevents.*")), "no TensorBoard events"
     steps = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*.pt"))
     assert steps == ["step_0000040.pt", "step_0000060.pt"], "keep_checkpoints=2 not applied"
     log = (run_dir / "logs" / "training.log").read_text()

@@ -46,9 +46,10 @@ def slurm() -> None:
 @slurm.command(params=[*_config_options(), RESUME])
 def script(resume_from_checkpoint: str, **flags: Any) -> int:
     """Print the batch script for this config; nothing is written or submitted."""
-    from pipeline.slurm.script import render_script, require_train_stage
+    from pipeline.slurm.script import cpu_processes_warning, render_script, require_train_stage
 
     config = config_from_flags(**flags)
+    _warn(cpu_processes_warning(config))
     click.echo(render_script(config, resume_from_checkpoint, train_stage=require_train_stage()),
                nl=False)  # fmt: skip
     return 0
@@ -67,10 +68,12 @@ def script(resume_from_checkpoint: str, **flags: Any) -> int:
 )
 def submit(resume_from_checkpoint: str, wait: bool, **flags: Any) -> int:
     """Write the batch script under the run directory, sbatch it, print the job id."""
+    from pipeline.slurm.script import cpu_processes_warning
     from pipeline.slurm.submit import Submitted
     from pipeline.slurm.submit import submit as submit_job
 
     config = config_from_flags(**flags)
+    _warn(cpu_processes_warning(config))
 
     def announce(job: Submitted) -> None:
         click.echo(job.job_id)  # stdout: the id alone, for `jobid=$(gpt3 slurm submit)`
@@ -82,6 +85,11 @@ def submit(resume_from_checkpoint: str, wait: bool, **flags: Any) -> int:
         return 0
     click.echo(f"job {job.job_id} ended with exit code {job.exit_code}", err=True)
     return job.exit_code
+
+
+def _warn(message: str | None) -> None:
+    if message:
+        click.echo(message, err=True)
 
 
 def _relative(path: Path) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import logging
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -32,6 +33,8 @@ from tqdm import tqdm
 
 from pipeline.config.schema import DataConfig
 from pipeline.errors import ConfigError, DataError
+
+logger = logging.getLogger("pipeline.prepare")
 
 EOT_TOKEN = "<|endoftext|>"
 """Ends every document, in both kinds (GPT-2's own end-of-text token)."""
@@ -202,7 +205,15 @@ def train_bpe(
     bar = tqdm(texts, desc="train bpe", unit="doc", disable=not progress)
     model.train_from_iterator(bar, trainer=trainer)
     model.save(str(file))
-    return BpeTokenizer(model, file)
+    tokenizer = BpeTokenizer(model, file)
+    if tokenizer.vocab_size < vocab_size:  # the text ran out of pairs to merge
+        logger.warning(
+            "warning: data.vocab_size %d asked for, but the BPE learned only %d tokens from this "
+            "text (too little of it to merge further); meta.json records both",
+            vocab_size,
+            tokenizer.vocab_size,
+        )
+    return tokenizer
 
 
 class TiktokenTokenizer(Tokenizer):

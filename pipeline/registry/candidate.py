@@ -36,6 +36,10 @@ class Candidate:
     """Where `metrics` came from, for the printed decision."""
     data_hash: str | None = None
     notes: list[str] = field(default_factory=list)
+    from_eval_file: bool = False
+    """`metrics` are the evaluate stage's (eval.json), not the training run's own."""
+    eval_iters: str | None = None
+    """The run's `training.eval_iters` param: how its own val/loss was measured."""
 
 
 def find_run_id(run_dir: Path) -> str:
@@ -125,4 +129,6 @@ def load_candidate(client: Any, run_dir: Path, run_id: str | None = None) -> Can
         metric_source=source,
         data_hash=run.data.tags.get(DATA_HASH_TAG),
         notes=notes,
+        from_eval_file=source == str(run_dir / EVAL_FILE),
+        eval_iters=run.data.params.get("training.eval_iters"),
     )

@@ -5,6 +5,9 @@ Model-registry stages are deprecated in MLflow 3, so the state lives in aliases 
   again reuses its version), tagged with its metrics, the data hash and the decision;
 - `champion` moves to the new version only if it beats the current champion on
   `registry.metric` (strictly; ties keep the incumbent), else the version gets `challenger`;
+- and only if the two were measured alike: the same validation data, tokenizer and evaluation
+  settings (`comparable.py`); otherwise the new version is `challenger` and the reason says
+  what differs;
 - `force` moves `champion` regardless; a missing number is never read as "better".
 """
 
@@ -16,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config.schema import Config, RegistryConfig
-from pipeline.registry.candidate import DATA_HASH_TAG, Candidate, load_candidate, run_metrics
+from pipeline.registry.candidate import Candidate, load_candidate, run_metrics
+from pipeline.registry.comparable import comparison_tags, differences
 from pipeline.tracking.mlflow_setup import configure_environment, resolve_tracking_uri
 
 DECISION_TAG = "promotion.decision"
@@ -147,13 +151,19 @@ def decide(
 
 
 def _record(
-    client: Any, name: str, number: str, candidate: Candidate, alias: str, why: str
+    client: Any,
+    name: str,
+    number: str,
+    candidate: Candidate,
+    alias: str,
+    why: str,
+    compared: dict[str, str],
 ) -> None:
-    """Version tags: the candidate's metrics and data hash, and what promotion decided."""
+    """Version tags: the candidate's metrics, what it was measured on (data hash, tokenizer,
+    evaluation settings) and what promotion decided."""
     tags = {key: str(value) for key, value in candidate.metrics.items()}
     tags.update({DECISION_TAG: alias, REASON_TAG: why[:5000], SOURCE_TAG: candidate.metric_source})
-    if candidate.data_hash:
-        tags[DATA_HASH_TAG] = candidate.data_hash
+    tags.update(compared)
     for key, text in tags.items():
         client.set_model_version_tag(name, number, key, text)
 
@@ -178,16 +188,24 @@ def promote(
     champion_number = str(champion.version) if champion else None
     champion_value = _version_metric(client, champion, registry.metric) if champion else None
     to_champion, reason = decide(registry, value, champion_value, champion_number, number, force)
-    old_hash = champion.tags.get(DATA_HASH_TAG) if champion else None
-    if old_hash and candidate.data_hash and old_hash != candidate.data_hash:
-        reason += " [note: the champion was trained on other data; metrics may not compare]"
+    compared = comparison_tags(candidate, config.evaluation, Path(config.run_dir) / "model")
+    unlike = differences(compared, champion.tags) if champion else []
+    if unlike and champion_number != number:
+        if force:
+            reason += f" (not measured alike: {'; '.join(unlike)})"
+        elif to_champion:
+            to_champion = False
+            reason = (
+                f"not comparable with champion version {champion_number}: {'; '.join(unlike)}; "
+                "the champion stays (use --force to promote anyway)"
+            )
     alias = registry.champion_alias if to_champion else registry.challenger_alias
     client.set_registered_model_alias(name, alias, number)
     if to_champion:
         challenger = _aliased(client, name, registry.challenger_alias)
         if challenger is not None and str(challenger.version) == number:
             client.delete_registered_model_alias(name, registry.challenger_alias)
-    _record(client, name, number, candidate, alias, reason)
+    _record(client, name, number, candidate, alias, reason, compared)
     return Decision(
         model_name=name,
         version=number,

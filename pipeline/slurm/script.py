@@ -72,6 +72,19 @@ def wants_gpus(config: Config) -> bool:
     return config.training.device != "cpu"
 
 
+def cpu_processes_warning(config: Config) -> str | None:
+    """A warning when several processes per node will train on CPUs: `training.device: cpu`
+    (the default training config's) requests no GPUs, whatever `gpus_per_node` says."""
+    per_node = config.distributed.gpus_per_node
+    if wants_gpus(config) or per_node == 1:
+        return None
+    return (
+        f"warning: training.device is cpu, so the job requests no GPUs and each node runs "
+        f"{per_node} CPU processes (distributed.gpus_per_node); for GPUs add "
+        "--set training.device=auto or a GPU training config"
+    )
+
+
 def check_resume(resume: str | None) -> str:
     """The first start's resume source; a requeued job must find its own checkpoints again."""
     resume = resume or "auto"

@@ -1,10 +1,29 @@
-"""TensorBoard backend: scalar events under `experiments/<name>/logs/`."""
+"""TensorBoard backend: scalar events under `experiments/<name>/logs/tb/<run start>/`.
+
+One folder per run, named by the UTC time it started: runs of one experiment name used to
+share `logs/`, and TensorBoard, seeing steps start again at 1, dropped the earlier run's
+curves. A resumed run continues its own folder, the newest one (a fresh start always makes a
+newer one, and only the newest run has checkpoints to resume from).
+"""
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
 from pathlib import Path
 
 from torch.utils.tensorboard import SummaryWriter
+
+RUNS_FOLDER = "tb"
+
+
+def run_folder(logs_dir: Path, resumed: bool) -> Path:
+    """The TensorBoard folder of this run: the newest one when resuming, else a new one."""
+    runs = logs_dir / RUNS_FOLDER
+    existing = sorted(p for p in runs.glob("*") if p.is_dir()) if runs.is_dir() else []
+    if resumed and existing:
+        return existing[-1]
+    started = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")  # sorts as it happened
+    return runs / started
 
 
 class TensorBoardTracker:

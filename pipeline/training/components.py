@@ -173,6 +173,27 @@ def build_samplers(
     return splits["train"], splits["val"]
 
 
+def warn_if_gpu_recipe_on_cpu(config: Config, device: torch.device, vocab_size: int) -> None:
+    """Say up front, before the model is built, when `training.device` left the choice to the
+    machine (`auto`) and it fell back to the CPU: a GPU recipe's step can take hours there,
+    with no output until it ends. A config that says `device: cpu` chose it and is not warned."""
+    t = config.training
+    if device.type != "cpu" or t.device == "cpu":
+        return
+    seq = config.seq_len
+    step_tokens = global_batch_sequences(t, seq) * seq
+    step_flops = flops_per_token(config.model, vocab_size, seq) * step_tokens
+    logger.warning(
+        "warning: training on the CPU (training.device %s, no CUDA device here): model %s, "
+        "%s tokens = %.1e FLOPs per optimizer step, which a GPU recipe sizes for GPUs; on a CPU "
+        "use --training_config configs/training_configs/cpu_debug.yaml",
+        t.device,
+        config.model.name,
+        f"{step_tokens:,}",
+        step_flops,
+    )
+
+
 def build_components(config: Config) -> TrainingComponents:
     """Check the data, then build model, optimizer, precision, samplers and schedule."""
     t = config.training
@@ -190,6 +211,7 @@ def build_components(config: Config) -> TrainingComponents:
     sampler, val_sampler = build_samplers(specs, metas, seq, config.seed)
 
     device = resolve_device(t.device)
+    warn_if_gpu_recipe_on_cpu(config, device, vocab_size)
     if t.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ConfigError("training.precision: bf16 is not supported on this GPU; use fp16")
     seed_everything(config.seed)

@@ -16,7 +16,7 @@ from pipeline.model_artifact import save_model_dir
 from pipeline.tracking.base import TrackerGroup
 from pipeline.tracking.dvc_metrics import DvcMetricsTracker
 from pipeline.tracking.mlflow_tracker import open_mlflow_tracker, run_files
-from pipeline.tracking.tensorboard import TensorBoardTracker
+from pipeline.tracking.tensorboard import TensorBoardTracker, run_folder
 from pipeline.training.auto_resume import RESUME_AUTO, resolve_auto
 from pipeline.training.components import build_components
 from pipeline.training.resume_source import check_resume_source
@@ -64,7 +64,10 @@ def train(
         mlflow = open_mlflow_tracker(config, trainer) if main else None  # resumes trainer's run
         tracker = TrackerGroup(
             [
-                TensorBoardTracker(run_dir / "logs", purge_step=start + 1 if start else None),
+                TensorBoardTracker(
+                    run_folder(run_dir / "logs", resumed=start > 0),
+                    purge_step=start + 1 if start else None,
+                ),
                 DvcMetricsTracker(run_dir / "metrics" / "train.json", run_dir / "plots", start),
                 *([mlflow] if mlflow is not None else []),
             ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -61,10 +62,20 @@ class StopRequested:
     """SIGTERM/SIGINT/SIGUSR1 set a flag; the loop finishes its step, checkpoints and exits.
 
     SIGUSR1 is what SLURM sends before a time limit or preemption (`--signal=USR1@<s>`).
+    A second SIGTERM or SIGINT stops the process at once, without a checkpoint: a step can
+    take hours (a GPU recipe on a CPU), and whoever sends it twice does not want to wait.
+    The last checkpoint stays intact (checkpoints are written aside and renamed into place).
+    "Second" means at least `REPEAT_AFTER_S` after the first: one Ctrl-C or one preemption
+    often arrives twice within milliseconds (from the terminal or SLURM to the whole process
+    group, and forwarded again by torchrun or our launcher), and must still checkpoint.
+    The handler writes with `os.write`: logging is not safe inside a signal handler.
     """
+
+    REPEAT_AFTER_S = 2.0
 
     def __init__(self) -> None:
         self.signal: int | None = None
+        self._first_at = 0.0
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopRequested:
@@ -73,7 +84,15 @@ class StopRequested:
         return self
 
     def _handle(self, signum: int, frame: object) -> None:
-        self.signal = signum
+        name = signal.Signals(signum).name
+        if self.signal is None:
+            self.signal, self._first_at = signum, time.monotonic()
+            again = "" if signum == signal.SIGUSR1 else "; send it again to stop at once"
+            note = f"{name}: finishing this step, then a checkpoint and exit{again}\n"
+            os.write(2, note.encode())
+        elif signum != signal.SIGUSR1 and time.monotonic() - self._first_at >= self.REPEAT_AFTER_S:
+            os.write(2, f"{name} again: stopping now, without a checkpoint\n".encode())
+            os._exit(128 + signum)
 
     def __exit__(self, *exc: object) -> None:
         for sig, handler in self._previous.items():
@@ -333,6 +352,11 @@ class Trainer:
         self.nonfinite.before_training(self)  # rollback: have a checkpoint to roll back to
         first_step = True
         with StopRequested() as stop:
+            logger.info(
+                "SIGTERM or Ctrl-C: checkpoint after this step and exit; again (%.0f s or more "
+                "later): stop at once",
+                StopRequested.REPEAT_AFTER_S,
+            )
             while not self._finished():
                 metrics = self.train_step()
                 step = self.progress.step
