@@ -169,8 +169,11 @@ def test_evaluate_command_with_params_and_without(run_config, tmp_path, monkeypa
             f"lambada:{FIXTURES / 'lambada.jsonl'}",
         ]
     )
-    saved = json.loads((run_dir / "metrics" / "eval.json").read_text())
+    # Not the run's own stage: beside the checkpoints folder, the run's metrics untouched.
+    (beside,) = run_dir.glob("step_*-eval")
+    saved = json.loads((beside / "eval.json").read_text())
     assert saved["val_tokens"] == 128 and saved["lambada_examples"] == 2
+    assert json.loads((run_dir / "metrics" / "eval.json").read_text())["val_tokens"] == 256
 
 
 def _assert_hf_matches(folder: Path, loaded: LoadedModel) -> None:

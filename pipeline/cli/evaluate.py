@@ -6,7 +6,10 @@
 With no flags it evaluates what `params.yaml` describes (this is how DVC runs it): the model
 `experiments/<name>/model`, the validation split of `data.prepared_dir`, the benchmarks in
 `evaluation.benchmarks`. Without a params file, the run's own saved config is used.
-Outputs: `<run_dir>/metrics/eval.json` (a DVC metric) and `<run_dir>/metrics/samples.md`.
+Outputs: `<run_dir>/metrics/eval.json` (a DVC metric) and `<run_dir>/metrics/samples.md`, and
+the numbers in the training run's MLflow record. That is the pipeline stage; evaluating any other
+model (`--model_checkpoint` naming something else) writes beside that model or to `--output`,
+and never to a run's tracked outputs or MLflow record (see `pipeline.evaluation.placement`).
 """
 
 from __future__ import annotations
@@ -69,14 +72,18 @@ def format_metrics(metrics: dict[str, float]) -> str:
 @click.option("--benchmark_limit", type=click.IntRange(min=1),
               help="Score only the first N examples of each benchmark.")
 @click.option("--device", help="cpu, cuda, cuda:N or auto (default: training.device).")
+@click.option("--output", type=click.Path(file_okay=False),
+              help="Folder for eval.json and samples.md of an ad-hoc evaluation (default: beside "
+                   "the evaluated model, e.g. <model folder>-eval).")
 @click.option("--harness", type=click.Choice(["lm-eval"]),
               help="Score the benchmarks with lm-evaluation-harness on the model's HF export "
                    "instead (prints its numbers, writes nothing): the extra 'harness'.")
 def evaluate(params_file: str | None, source: str | None, model_config: str | None,
              benchmarks: tuple[str, ...], max_tokens: int | None, benchmark_limit: int | None,
-             device: str | None, harness: str | None) -> int:
+             device: str | None, output: str | None, harness: str | None) -> int:
     """Evaluate a trained model: validation metrics, zero-shot tasks and samples."""
-    from pipeline.evaluation.model_source import check_model_config, load_model
+    from pipeline.evaluation.model_source import check_model_config, open_model
+    from pipeline.evaluation.placement import adhoc_output, check_adhoc_source, is_own_stage
     from pipeline.evaluation.run import METRICS_FILE, default_source, evaluate_run, metrics_dir
     from pipeline.evaluation.tracking_hook import resolve_tracking_uri
 
@@ -95,20 +102,25 @@ def evaluate(params_file: str | None, source: str | None, model_config: str | No
         "training.device": device,
     }
     base = load_config(params_file=params_file) if params_file else None
-    where = source or (default_source(base) if base else None)
+    where = source or (str(default_source(base)) if base else None)
     if where is None:
         raise ConfigError("no params.yaml here: pass --model_checkpoint (or --params)")
+    own = is_own_stage(base, source) and output is None
+    if not own:
+        check_adhoc_source(where, output)  # before any model time
     target = base or Config()
-    loaded = load_model(where, device or target.training.device, resolve_tracking_uri(target))
-    if model_config:
-        check_model_config(loaded, model_config)
-    config = with_overrides(base or loaded.config, overrides)
-    if harness:
-        from pipeline.evaluation.harness import harness_metrics
+    device_name = device or target.training.device
+    with open_model(where, device_name, resolve_tracking_uri(target)) as loaded:
+        if model_config:
+            check_model_config(loaded, model_config)
+        config = with_overrides(base or loaded.config, overrides)
+        if harness:
+            from pipeline.evaluation.harness import harness_metrics
 
-        click.echo(format_metrics(harness_metrics(config, loaded)))
-        return 0
-    metrics = evaluate_run(config, loaded)
+            click.echo(format_metrics(harness_metrics(config, loaded)))
+            return 0
+        out = metrics_dir(config) if own else Path(output) if output else adhoc_output(loaded)
+        metrics = evaluate_run(config, loaded, out_dir=out, track=own)
     click.echo(format_metrics(metrics))
-    click.echo(f"wrote {metrics_dir(config) / METRICS_FILE}", err=True)
+    click.echo(f"wrote {out / METRICS_FILE}", err=True)
     return 0

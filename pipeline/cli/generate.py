@@ -66,7 +66,7 @@ def generate(source: str | None, model_config: str | None, params_file: str | No
              max_length: int, temperature: float, top_k: int | None, top_p: float | None,
              seed: int | None, no_cache: bool, device: str) -> int:
     """Generate text from a prompt with a trained model."""
-    from pipeline.evaluation.model_source import check_model_config, load_model
+    from pipeline.evaluation.model_source import check_model_config, open_model
     from pipeline.evaluation.tracking_hook import resolve_tracking_uri
     from pipeline.generation import iter_generate
 
@@ -77,7 +77,8 @@ def generate(source: str | None, model_config: str | None, params_file: str | No
         if params_file is None:
             raise ConfigError("no params.yaml here: pass --model_checkpoint")
         source = str(Path(config.run_dir) / "model")
-    loaded = load_model(source, device, resolve_tracking_uri(config))
+    with open_model(source, device, resolve_tracking_uri(config)) as loaded:
+        pass  # weights and tokenizer are in memory now: a download is removed here
     if model_config:
         check_model_config(loaded, model_config)
     tokenizer = loaded.tokenizer

@@ -19,7 +19,9 @@ Accepted sources, tried in this order:
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,11 +70,14 @@ def load_model(
     """Open `source` (see the module docstring) on `device`, in eval mode.
 
     `device` is a name as in `training.device` (`auto` included) or a torch device.
-    `tracking_uri` is only used for MLflow URIs; `download_dir` is where their artifacts go
-    (default: a fresh temporary folder, kept so the tokenizer files stay readable).
+    `tracking_uri` is only used for MLflow URIs; `download_dir` is where their artifacts go,
+    and must be given for them: the caller owns that folder (`open_model` makes and removes a
+    temporary one).
     """
     device = resolve_device(device) if isinstance(device, str) else device
     if mlflow_source.is_mlflow_uri(source):
+        if download_dir is None:
+            raise ValueError("an MLflow URI needs a download_dir: use open_model")
         folder = _download_mlflow(str(source), tracking_uri, download_dir)
         loaded = _from_model_dir(folder, device)
         loaded.source = str(source)
@@ -88,6 +93,19 @@ def load_model(
         state, file = load_latest(checkpoint_directory(path))
         return _from_checkpoint(state, file, device)
     return _from_checkpoint(load_verified(path), path, device)
+
+
+@contextlib.contextmanager
+def open_model(
+    source: str | Path, device: str | torch.device = "cpu", tracking_uri: str | None = None
+) -> Iterator[LoadedModel]:
+    """`load_model` for the length of a `with` block; an MLflow download (a full model copy)
+    goes into a temporary folder that is removed when the block ends, however it ends."""
+    if not mlflow_source.is_mlflow_uri(source):
+        yield load_model(source, device, tracking_uri)
+        return
+    with tempfile.TemporaryDirectory(prefix="gpt3-model-") as download:
+        yield load_model(source, device, tracking_uri, download)
 
 
 def _from_model_dir(folder: Path, device: str | torch.device) -> LoadedModel:
@@ -133,9 +151,9 @@ def _check_vocab(model: GPT, tokenizer: Tokenizer, where: Path) -> None:
         )
 
 
-def _download_mlflow(uri: str, tracking_uri: str | None, download_dir: str | Path | None) -> Path:
+def _download_mlflow(uri: str, tracking_uri: str | None, download_dir: str | Path) -> Path:
     """Download an MLflow URI's artifacts and return the first model folder among them."""
-    destination = Path(download_dir or tempfile.mkdtemp(prefix="gpt3-model-"))
+    destination = Path(download_dir)
     destination.mkdir(parents=True, exist_ok=True)
     local = mlflow_source.download(uri, tracking_uri, destination)
     found = find_model_dir(local)

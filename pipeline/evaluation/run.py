@@ -21,7 +21,7 @@ from pipeline.data.sources import data_sources
 from pipeline.errors import DataError
 from pipeline.evaluation.benchmarks import load_examples, parse_benchmarks, run_benchmark
 from pipeline.evaluation.lm_metrics import LMMetrics, evaluate_tokens, mixture_metrics
-from pipeline.evaluation.model_source import LoadedModel, load_model
+from pipeline.evaluation.model_source import LoadedModel, open_model
 from pipeline.evaluation.output import write_metrics
 from pipeline.evaluation.samples import generate_samples, write_samples
 from pipeline.evaluation.tracking_hook import log_to_tracking, resolve_tracking_uri
@@ -44,14 +44,30 @@ def default_source(config: Config) -> Path:
 
 
 def evaluate_run(
-    config: Config, source: str | Path | LoadedModel | None = None
+    config: Config,
+    source: str | Path | LoadedModel | None = None,
+    out_dir: Path | None = None,
+    track: bool = True,
 ) -> dict[str, float]:
-    """Evaluate a model and write `<run_dir>/metrics/{eval.json,samples.md}`; return the numbers.
+    """Evaluate a model and write `eval.json` and `samples.md`; return the numbers.
 
     `config` supplies the evaluation settings, the validation data (`data.prepared_dir`),
-    device, precision, output folder and tracking; `source` the model (a model folder,
-    checkpoint, run folder or MLflow URI; default `<run_dir>/model`).
+    device, precision and tracking; `source` the model (a model folder, checkpoint, run folder
+    or MLflow URI; default `<run_dir>/model`). The files go to `out_dir`, by default
+    `<run_dir>/metrics` (the pipeline stage's place); with `track` the numbers are also added
+    to the training run's MLflow record. Ad-hoc evaluations pass both (see `placement`).
     """
+    if isinstance(source, LoadedModel):
+        return _evaluate_loaded(config, source, out_dir, track)
+    where = source or default_source(config)
+    with open_model(where, config.training.device, resolve_tracking_uri(config)) as loaded:
+        return _evaluate_loaded(config, loaded, out_dir, track)
+
+
+def _evaluate_loaded(
+    config: Config, loaded: LoadedModel, out_dir: Path | None, track: bool
+) -> dict[str, float]:
+    """`evaluate_run` on a model already open."""
     settings = config.evaluation
     benchmarks = parse_benchmarks(settings.benchmarks, settings.benchmark_dir)
     examples = {b.prefix: load_examples(b, settings.benchmark_limit) for b in benchmarks}
@@ -59,11 +75,6 @@ def evaluate_run(
     metas = [load_meta(source.folder) for source in sources]
     meta = metas[0]
 
-    if isinstance(source, LoadedModel):
-        loaded = source
-    else:
-        where = source or default_source(config)
-        loaded = load_model(where, config.training.device, resolve_tracking_uri(config))
     model, tokenizer = loaded.model, loaded.tokenizer
     device = next(model.parameters()).device
     if (meta.vocab_size, meta.eot_id) != (tokenizer.vocab_size, tokenizer.eot_id):
@@ -102,8 +113,9 @@ def evaluate_run(
         metrics.update(result)
 
     samples = generate_samples(model, tokenizer, settings, config.seed)
-    out = metrics_dir(config)
+    out = out_dir or metrics_dir(config)
     write_samples(out / SAMPLES_FILE, samples, settings, loaded.source)
     write_metrics(out / METRICS_FILE, metrics)
-    log_to_tracking(metrics, config, loaded.tracking_run_id)
+    if track:
+        log_to_tracking(metrics, config, loaded.tracking_run_id)
     return metrics
