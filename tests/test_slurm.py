@@ -532,8 +532,10 @@ def test_requeue_and_time_limit_warning_resume_to_the_same_weights(
 
 
 def _job_id_from_cli(output: Path) -> str:
-    """`gpt3 slurm submit` prints the job id alone on its first line."""
-    first = output.read_text(errors="replace").splitlines()[0]
+    """`gpt3 slurm submit` prints the job id alone on its first line of stdout (the output
+    here is stdout and stderr together: warnings on stderr come first)."""
+    lines = output.read_text(errors="replace").splitlines()
+    first = next(line for line in lines if not line.startswith("warning: "))
     assert first.isdigit(), first
     return first
 
