@@ -46,6 +46,9 @@ PATHS = {
     "params": "params.yaml",
 }
 BASE = {role: read_yaml_mapping(REPO / path) for role, path in PATHS.items()}
+BASE["params"]["data"].pop("sources")
+"""The properties mutate the single-source keys (data.source/inputs), which a mixture in
+data.sources excludes; the sources themselves are checked in tests/test_sources_config.py."""
 SECTIONS: dict[str | None, set[str]] = {
     None: set(Config.model_fields),
     "data": set(DataConfig.model_fields),
@@ -73,7 +76,7 @@ SETTINGS = settings(
 INT_RANGES: dict[str, tuple[int, int | None]] = {
     "seed": (0, 2**64 - 1),  # torch.manual_seed's range
     "data.vocab_size": (257, 1_000_000),
-    "data.num_workers": (1, 256),
+    "data.num_workers": (1, 4096),
     "model.n_layer": (1, None),
     "model.n_ctx": (128, None),  # cpu_debug.yaml trains on 128-token sequences
     "training.seq_len": (1, 256),  # tiny.yaml's n_ctx

@@ -565,8 +565,8 @@ def test_dvc_repro_trains_through_the_cluster_like_a_local_run(
         **tiny,
         "name": name,
         # the prepared_dir fixture's corpus and tokenizer: a prepare stage of seconds
-        "data.source": "files",
-        "data.inputs": [str(small_corpus_dir / "*.txt")],
+        "data.sources.main.kind": "files",
+        "data.sources.main.inputs": [str(small_corpus_dir / "*.txt")],
         "data.vocab_size": 512,
         "data.val_fraction": 0.2,
         "distributed.launcher": "slurm",

