@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from pipeline.config.output import public_values
@@ -25,6 +26,7 @@ from pipeline.errors import CheckpointError
 from pipeline.rng import capture_rng_state, restore_rng_state
 from pipeline.training.batching import global_batch_sequences, plan_batch, ramped_sequences
 from pipeline.training.components import TrainingComponents, build_components
+from pipeline.training.data_ledger import LEDGER_FILE, DataLedger
 from pipeline.training.mixture import metric_name
 from pipeline.training.nonfinite import NonfiniteGuard
 from pipeline.training.progress import ProgressReporter
@@ -122,6 +124,8 @@ class Trainer:
         self.progress = Progress()
         self.run_dir = Path(config.run_dir)
         self.tracking_run_id: str | None = None
+        self.last_windows: np.ndarray | None = None
+        """Global window ids of the last step's batch (for the data-order ledger)."""
         seq = config.seq_len
         self.full_batch = global_batch_sequences(config.training, seq)
         self.world_size = self.strategy.world_size
@@ -216,6 +220,7 @@ class Trainer:
             group["lr"] = lr
 
         ids = parts.sampler.global_batch(plan.global_sequences)
+        self.last_windows = ids
         mine = ids[self.rank * plan.sequences_per_rank : (self.rank + 1) * plan.sequences_per_rank]
         loss_sum = torch.zeros((), device=parts.device)
         parts.model.train()
@@ -349,6 +354,19 @@ class Trainer:
 
     def _loop(self, tracker: Any, reporter: Any, result: TrainResult) -> None:
         t = self.config.training
+        ledger = None
+        if t.data_ledger and self.strategy.is_main:
+            ledger = DataLedger(self.run_dir / "logs" / LEDGER_FILE, self.progress.step)
+        try:
+            self._steps(tracker, reporter, result, ledger)
+        finally:
+            if ledger is not None:
+                ledger.close()
+
+    def _steps(
+        self, tracker: Any, reporter: Any, result: TrainResult, ledger: DataLedger | None
+    ) -> None:
+        t = self.config.training
         self.nonfinite.before_training(self)  # rollback: have a checkpoint to roll back to
         first_step = True
         with StopRequested() as stop:
@@ -360,6 +378,8 @@ class Trainer:
             while not self._finished():
                 metrics = self.train_step()
                 step = self.progress.step
+                if ledger is not None:
+                    ledger.record(step, self.last_windows)
                 if first_step:
                     self.strategy.prepare_checkpoint_buffers(self)
                     first_step = False
