@@ -270,11 +270,15 @@ def gpt2_style_encoding(name: str, ranks: dict[bytes, int]) -> tiktoken.Encoding
 
 
 def _check_r50k(contents: bytes, source: str) -> None:
+    _check_digest(contents, source, "r50k_base", R50K_SHA256)
+
+
+def _check_digest(contents: bytes, source: str, name: str, sha256: str) -> None:
     actual = hashlib.sha256(contents).hexdigest()
-    if actual != R50K_SHA256:
+    if actual != sha256:
         raise DataError(
-            f"{source}: not tiktoken's r50k_base (sha256 {actual[:16]}..., expected "
-            f"{R50K_SHA256[:16]}...); download it from {R50K_URL}"
+            f"{source}: not tiktoken's {name} (sha256 {actual[:16]}..., expected "
+            f"{sha256[:16]}...); download it from {R50K_URL}"
         )
 
 
@@ -308,11 +312,21 @@ def fetch_r50k(tiktoken_file: str | None) -> bytes:
 
 def load_r50k(file: Path) -> TiktokenTokenizer:
     """Reopen GPT-2's BPE from a prepared folder's copy, checking that it is the real one."""
+    return load_gpt2_style(file, "r50k_base", R50K_SHA256)
+
+
+def load_gpt2_style(file: Path, name: str, sha256: str) -> TiktokenTokenizer:
+    """A GPT-2-style tokenizer from a `.tiktoken` file whose SHA-256 must be `sha256`.
+
+    `load_r50k` is this with r50k_base's digest; the `gpt2` kind never takes another. Tests
+    reach the same code with a small ranks file of their own (GPT-2's file is 1.6 MB and
+    offline machines do not have it).
+    """
     if not file.is_file():
         raise DataError(f"{file}: tokenizer file not found")
     contents = file.read_bytes()
-    _check_r50k(contents, str(file))
-    encoding = gpt2_style_encoding("r50k_base", parse_tiktoken_ranks(contents, str(file)))
+    _check_digest(contents, str(file), name, sha256)
+    encoding = gpt2_style_encoding(name, parse_tiktoken_ranks(contents, str(file)))
     return TiktokenTokenizer(encoding, file)
 
 
