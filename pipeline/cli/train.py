@@ -121,8 +121,9 @@ def config_from_flags(
 @click.option("--max_steps", type=int)
 @click.option(
     "--resume_from_checkpoint",
-    help="A checkpoint file, a checkpoints folder, 'latest', or 'auto' (resume only if "
-    "the latest checkpoint has this exact config).",
+    help="A checkpoint file, a checkpoints folder, 'latest', 'auto' (resume only if the "
+    "latest checkpoint has this exact config), or runs:/RUN_ID[/checkpoints/NAME] (a checkpoint "
+    "logged to MLflow: the run's newest, or that one).",
 )
 @click.option("--distributed_backend", type=click.Choice(["nccl", "gloo"]))
 @click.option("--num_nodes", type=int, help="Nodes in the job (plain launch starts this node's).")

@@ -80,6 +80,11 @@ def verify_tag_dir(tag_dir: Path) -> None:
     listed: set[str] = set()
     for line in manifest.read_text(encoding="ascii", errors="replace").splitlines():
         expected, _, name = line.partition("  ")
+        parts = Path(name).parts
+        if not parts or Path(name).is_absolute() or ".." in parts:
+            raise CorruptCheckpointError(
+                f"{manifest} names {name!r}, which is not inside {tag_dir}"
+            )
         listed.add(name)
         path = tag_dir / name
         if not path.is_file():
@@ -96,6 +101,27 @@ def verify_tag_dir(tag_dir: Path) -> None:
         raise CorruptCheckpointError(
             f"{tag_dir} holds files its {MANIFEST} does not list: {', '.join(unlisted)}"
         )
+
+
+def complete_tag_dirs(directory: Path) -> list[tuple[int, Path]]:
+    """`(step, folder)` of the complete checkpoints (with a manifest) in `directory`, oldest first.
+
+    A folder gets its manifest only after all its files are written, and is renamed into place
+    after that, so a listed folder is whole (also what MLflow uploads, see checkpoint_uploads).
+    """
+    if not directory.is_dir():
+        return []
+    found = []
+    for entry in directory.iterdir():
+        match = _STEP_DIR_RE.match(entry.name)
+        if match and (entry / MANIFEST).is_file():
+            found.append((int(match.group(1)), entry))
+    return sorted(found)
+
+
+def is_tag_name(name: str) -> bool:
+    """Is `name` a checkpoint folder's name (`step_0000100`)?"""
+    return _STEP_DIR_RE.match(name) is not None
 
 
 def checkpoint_files(tag_dir: Path) -> list[Path]:
@@ -137,14 +163,7 @@ class DeepSpeedCheckpoints:
 
     def list_checkpoints(self) -> list[tuple[int, Path]]:
         """`(step, folder)` of complete checkpoints (with a manifest), oldest first."""
-        if not self.directory.is_dir():
-            return []
-        found = []
-        for entry in self.directory.iterdir():
-            match = _STEP_DIR_RE.match(entry.name)
-            if match and (entry / MANIFEST).is_file():
-                found.append((int(match.group(1)), entry))
-        return sorted(found)
+        return complete_tag_dirs(self.directory)
 
     def candidates(self) -> list[Path]:
         """Every `step_*` folder, complete or not, best first: `latest`'s, then newest first."""

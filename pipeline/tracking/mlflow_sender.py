@@ -15,6 +15,7 @@ contact; if the server is down at start, that happens whenever it comes back.
 from __future__ import annotations
 
 import logging
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -279,5 +280,8 @@ class MlflowSender(threading.Thread):
         if not Path(op.path).exists():
             raise PermanentTrackingError(f"artifact {op.path} no longer exists")
         self.client.log_artifact(self.run_id, str(op.path), op.artifact_path)
-        if op.cleanup:
-            Path(op.path).unlink(missing_ok=True)
+        if op.cleanup:  # a staged link, or a staged folder of links (a DeepSpeed checkpoint)
+            if Path(op.path).is_dir():
+                shutil.rmtree(op.path, ignore_errors=True)
+            else:
+                Path(op.path).unlink(missing_ok=True)

@@ -38,11 +38,13 @@ from pipeline.tracking.mlflow_outbox import (
 from pipeline.tracking.mlflow_sender import MlflowSender
 from pipeline.tracking.mlflow_setup import configure_environment, resolve_tracking_uri
 from pipeline.tracking.run_metadata import (
+    MAX_TAG_VALUE,
     param_value,
     run_name,
     run_params,
     run_tags,
     strategy_name,
+    truncate,
 )
 from pipeline.tracking.system_metrics import SystemMetricsSampler
 
@@ -229,11 +231,14 @@ def run_files(config: Config) -> list[tuple[Path, str | None]]:
     return [(Path(p), where) for p, where in candidates if p and Path(p).is_file()]
 
 
-def open_mlflow_tracker(config: Config, trainer: Any) -> MlflowTracker | None:
+def open_mlflow_tracker(
+    config: Config, trainer: Any, extra_tags: dict[str, str] | None = None
+) -> MlflowTracker | None:
     """The MLflow backend for `trainer`'s run (None when tracking is off or off rank 0).
 
     The run id is taken from the trainer (restored from a checkpoint on resume) and written
-    back as soon as the run exists, so the next checkpoint carries it.
+    back as soon as the run exists, so the next checkpoint carries it. `extra_tags` say where
+    the session came from (`resumed_from`, `rerun_of`, ...).
     """
     if not config.tracking.enabled or trainer.rank != 0:
         return None
@@ -241,12 +246,10 @@ def open_mlflow_tracker(config: Config, trainer: Any) -> MlflowTracker | None:
     return MlflowTracker(
         config.tracking,
         run_name=run_name(config),
-        tags=run_tags(
-            config,
-            trainer.parts.data_hash,
-            world,
-            strategy_name(config, world),
-        ),
+        tags={
+            **run_tags(config, trainer.parts.data_hash, world, strategy_name(config, world)),
+            **{key: truncate(value, MAX_TAG_VALUE) for key, value in (extra_tags or {}).items()},
+        },
         params=run_params(config),
         run_id=trainer.tracking_run_id,
         rank=trainer.rank,

@@ -16,9 +16,11 @@ from pipeline.model_artifact import save_model_dir
 from pipeline.tracking.base import TrackerGroup
 from pipeline.tracking.dvc_metrics import DvcMetricsTracker
 from pipeline.tracking.mlflow_tracker import open_mlflow_tracker, run_files
+from pipeline.tracking.run_reader import is_run_uri
 from pipeline.tracking.tensorboard import TensorBoardTracker, run_folder
 from pipeline.training.auto_resume import RESUME_AUTO, resolve_auto
-from pipeline.training.components import build_components
+from pipeline.training.components import TrainingComponents, build_components
+from pipeline.training.mlflow_checkpoint import FetchedCheckpoint, fetch_checkpoint
 from pipeline.training.resume_source import check_resume_source
 from pipeline.training.run_logging import run_logging
 from pipeline.training.trainer import Trainer, TrainResult
@@ -31,8 +33,10 @@ def train(
     resume: str | None = None,
     console: bool = True,
     strategy: SingleDevice | None = None,
+    tags: dict[str, str] | None = None,
 ) -> TrainResult:
-    """Train `config` (resuming from `resume`: a path, `latest`, or `auto`) and export the model.
+    """Train `config` (resuming from `resume`: a path, `latest`, `auto`, or a `runs:/` URI of
+    a checkpoint logged to MLflow) and export the model. `tags` go onto the MLflow run.
 
     Under a distributed `strategy` every rank calls this; rank 0 alone holds the run lock and
     writes logs, trackers, the resolved config and the exported model.
@@ -42,7 +46,34 @@ def train(
     parts = build_components(config)
     run_dir = Path(config.run_dir)
     # A bad resume source must fail before the run directory exists (nothing written).
-    strategy.main_only(lambda: check_resume_source(resume, run_dir / "checkpoints"))
+    fetched: FetchedCheckpoint | None = None
+    if is_run_uri(resume):
+        fetched = strategy.main_only(
+            lambda: fetch_checkpoint(
+                str(resume), config, parts.vocab_size, parts.tokenizer_id, strategy.name
+            )
+        )
+    else:
+        strategy.main_only(lambda: check_resume_source(resume, run_dir / "checkpoints"))
+    try:
+        return _train_locked(config, parts, strategy, resume, fetched, console, tags or {})
+    finally:
+        if fetched is not None and main:
+            fetched.cleanup()  # the temporary download folder, empty once installed
+
+
+def _train_locked(
+    config: Config,
+    parts: TrainingComponents,
+    strategy: SingleDevice,
+    resume: str | None,
+    fetched: FetchedCheckpoint | None,
+    console: bool,
+    tags: dict[str, str],
+) -> TrainResult:
+    """`train` from the moment the run directory may be written."""
+    main = strategy.is_main
+    run_dir = Path(config.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     log_file = run_dir / "logs" / "training.log" if main else None
     with (
@@ -56,12 +87,18 @@ def train(
                     config, trainer.checkpoints, parts.vocab_size, parts.tokenizer_id
                 )
             )
+        if fetched is not None:
+            resume = str(strategy.main_only(lambda: fetched.install(run_dir)))
         if resume is not None:
             trainer.resume(resume)
+        if fetched is not None:  # the original run if unfinished, else a new one nested in it
+            trainer.tracking_run_id = fetched.tracking_run_id() if main else None
+            tags = {**fetched.tags(), **tags}
         if main:
             (run_dir / "resolved_config.yaml").write_text(dump_config(config))
         start = trainer.progress.step
-        mlflow = open_mlflow_tracker(config, trainer) if main else None  # resumes trainer's run
+        # Continues the trainer's run (restored from the checkpoint on a resume).
+        mlflow = open_mlflow_tracker(config, trainer, tags) if main else None
         tracker = TrackerGroup(
             [
                 TensorBoardTracker(

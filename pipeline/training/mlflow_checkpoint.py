@@ -1,0 +1,230 @@
+"""`--resume_from_checkpoint runs:/<run_id>[/<artifact path>]`: continue a run from MLflow.
+
+Which checkpoint (among the run's `checkpoints/` artifacts, see `tracking.checkpoint_uploads`):
+- `runs:/<id>` (or `runs:/<id>/checkpoints`): the newest the run logged: `latest_checkpoint.pt`
+  when it has one, else its highest `step_*.pt`; for DeepSpeed, the folder its `latest` file
+  names, else its highest `step_*/` folder;
+- `runs:/<id>/checkpoints/step_0000400.pt` or `.../step_0000400` (a DeepSpeed folder): that one;
+- a proxied `mlflow-artifacts:/.../<id>/artifacts/checkpoints/...` URI, as a shared server's UI
+  shows it: the same as its `runs:/` form.
+
+Where the bytes go, and when:
+1. Before the run directory exists (rank 0): the run is looked up, the checkpoint downloaded
+   into a new temporary folder (under $TMPDIR), verified against its checksum file (single
+   file) or manifest (DeepSpeed) before anything is unpickled, read weights-only (the same rules
+   as a local resume: `load_verified`, `inspect_tag_dir`) and checked against this run's model
+   shape, tokenizer and strategy. Any failure is one line and removes the temporary folder: the
+   run directory is never created.
+2. Under the run lock: the verified files move to `<run_dir>/from-mlflow/<run_id>/<artifact
+   path>` (a rename when $TMPDIR is on the run directory's filesystem, else a copy; set TMPDIR
+   there for large checkpoints), and the resume loads them from there like a local checkpoint,
+   verifying again. They are kept deliberately, as the exact bytes this run started from;
+   a later resume from the same MLflow run replaces them. `--resume_from_checkpoint latest`
+   afterwards means the run's own `checkpoints/`, never this folder.
+
+Which MLflow run the new session logs into:
+- the original run is unfinished (RUNNING, KILLED by a stop signal, FAILED): that same run, as
+  a local resume would (its metrics continue from the checkpoint's step);
+- it FINISHED: a new run, nested under the original in the UI (`mlflow.parentRunId`), so the
+  finished record stays as it was.
+Either way the session tags its run `resumed_from=<run_id>` and `resumed_from.artifact=<path>`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from pipeline.checkpoint import CHECKSUM_SUFFIX, LATEST_NAME, load_verified
+from pipeline.config.schema import Config
+from pipeline.distributed.deepspeed_checkpoint import LATEST as DEEPSPEED_LATEST
+from pipeline.distributed.deepspeed_checkpoint import MANIFEST, inspect_tag_dir, is_tag_name
+from pipeline.errors import CheckpointError
+from pipeline.tracking.checkpoint_uploads import ARTIFACT_DIR
+from pipeline.tracking.mlflow_setup import resolve_tracking_uri
+from pipeline.tracking.run_reader import RunReader, RunUri, parse_run_uri
+from pipeline.training.trainer import check_compatible
+
+logger = logging.getLogger("pipeline.train")
+
+DOWNLOAD_DIR = "from-mlflow"
+"""`<run_dir>/from-mlflow/<run_id>/`: where a resume from MLflow keeps what it started from."""
+FINISHED = "FINISHED"
+
+
+@dataclass
+class FetchedCheckpoint:
+    """A checkpoint downloaded and verified in a temporary folder, not yet in the run directory.
+
+    Picklable: rank 0 fetches it and shares it with the other ranks, which only read `path`.
+    """
+
+    uri: str
+    run_id: str
+    artifact: str
+    """The checkpoint's artifact path: `checkpoints/step_0000004.pt` or `.../step_0000004`."""
+    status: str
+    """The original run's status when fetched (RUNNING, KILLED, FAILED, FINISHED)."""
+    staging: Path
+    installed: Path | None = field(default=None)
+
+    @property
+    def same_run(self) -> bool:
+        """Log into the original run (unfinished), rather than a new one linked to it?"""
+        return self.status != FINISHED
+
+    def install(self, run_dir: Path) -> Path:
+        """Move the verified files to `<run_dir>/from-mlflow/<run_id>/`; return the checkpoint."""
+        destination = run_dir / DOWNLOAD_DIR / self.run_id
+        partial = destination.with_name(f".{self.run_id}.partial")
+        shutil.rmtree(partial, ignore_errors=True)  # a copy cut short by a kill
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(self.staging), str(partial))  # a rename on one filesystem
+        if destination.exists():
+            shutil.rmtree(destination)  # this run's own earlier download from the same run
+        os.replace(partial, destination)
+        self.installed = destination / self.artifact
+        logger.info(
+            "resuming from %s: MLflow run %s (%s), downloaded and verified into %s",
+            self.uri,
+            self.run_id,
+            self.status,
+            destination,
+        )
+        return self.installed
+
+    def tags(self) -> dict[str, str]:
+        """Tags of the session's MLflow run: where it resumed from, and the nesting if new."""
+        tags = {"resumed_from": self.run_id, "resumed_from.artifact": self.artifact}
+        if not self.same_run:
+            tags["mlflow.parentRunId"] = self.run_id
+        return tags
+
+    def tracking_run_id(self) -> str | None:
+        """The MLflow run the session continues (None: a new run is created)."""
+        if self.same_run:
+            if self.status == "RUNNING":
+                logger.warning(
+                    "MLflow run %s is RUNNING: if it still trains somewhere, both sessions "
+                    "now log to it",
+                    self.run_id,
+                )
+            return self.run_id
+        logger.info("MLflow run %s is FINISHED: logging to a new run nested under it", self.run_id)
+        return None
+
+    def cleanup(self) -> None:
+        """Remove the temporary folder (empty once installed)."""
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+
+def fetch_checkpoint(
+    text: str, config: Config, vocab_size: int, tokenizer_id: str, strategy: str
+) -> FetchedCheckpoint:
+    """Step 1 of the module docstring. Raises CheckpointError; leaves nothing behind then."""
+    uri = parse_run_uri(text)
+    if uri.path and not (uri.path == ARTIFACT_DIR or uri.path.startswith(ARTIFACT_DIR + "/")):
+        raise CheckpointError(
+            f"{text}: checkpoints are logged under {ARTIFACT_DIR}/ (e.g. runs:/{uri.run_id}/"
+            f"{ARTIFACT_DIR}/step_0000100.pt), or give runs:/{uri.run_id} for the newest"
+        )
+    reader = RunReader(resolve_tracking_uri(config.tracking.uri), config.tracking.request_timeout_s)
+    run = reader.run(uri)
+    deepspeed = strategy == "deepspeed"
+    staging = Path(tempfile.mkdtemp(prefix="gpt3-from-mlflow-"))
+    try:
+        artifact, files = _choose(reader, uri, deepspeed, staging)
+        reader.download(uri, files, staging)
+        local = staging / artifact
+        try:
+            state = inspect_tag_dir(local) if deepspeed else load_verified(local)
+            check_compatible(state, config, vocab_size, tokenizer_id, local)
+        except CheckpointError as exc:
+            raise CheckpointError(str(exc).replace(str(local), _display(uri, artifact))) from None
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return FetchedCheckpoint(text, uri.run_id, artifact, run.info.status, staging)
+
+
+def _display(uri: RunUri, artifact: str) -> str:
+    return f"runs:/{uri.run_id}/{artifact}"
+
+
+def _choose(
+    reader: RunReader, uri: RunUri, deepspeed: bool, staging: Path
+) -> tuple[str, list[str]]:
+    """(the checkpoint's artifact path, the files to download) for this strategy's layout."""
+    listed = reader.listing(uri, ARTIFACT_DIR)
+    if not listed:
+        raise CheckpointError(
+            f"{uri.text}: MLflow run {uri.run_id} has no logged checkpoints (no {ARTIFACT_DIR}/ "
+            "artifacts: it trained with tracking.log_checkpoints none, or logged none yet)"
+        )
+    folders = sorted(p for p, is_dir in listed.items() if is_dir and is_tag_name(_name(p)))
+    files = sorted(p for p, is_dir in listed.items() if not is_dir)
+    step_files = [p for p in files if _name(p).startswith("step_") and p.endswith(".pt")]
+    layout = "a DeepSpeed checkpoint folder" if deepspeed else "a single-file checkpoint"
+    if uri.path in ("", ARTIFACT_DIR):
+        if deepspeed:
+            artifact = _newest_folder(reader, uri, listed, folders, staging)
+        else:
+            latest = f"{ARTIFACT_DIR}/{LATEST_NAME}"
+            artifact = latest if latest in listed else (step_files[-1] if step_files else "")
+        if not artifact:
+            other = "single-file" if deepspeed else "DeepSpeed"
+            raise CheckpointError(
+                f"{uri.text}: this run resumes from {layout}, and MLflow run {uri.run_id} "
+                f"logged only {other} checkpoints (another strategy); name one to see why"
+            )
+    else:
+        artifact = uri.path
+        if artifact not in listed:
+            have = ", ".join(_name(p) for p in sorted(listed)) or "nothing"
+            raise CheckpointError(
+                f"{uri.text}: MLflow run {uri.run_id} has no checkpoint {artifact} "
+                f"({ARTIFACT_DIR}/ holds {have})"
+            )
+        if listed[artifact] != deepspeed:
+            raise CheckpointError(
+                f"{uri.text} is not {layout}: a single-file checkpoint resumes strategies single "
+                "and ddp, a DeepSpeed folder resumes strategy deepspeed"
+            )
+    if deepspeed:
+        return artifact, reader.files_under(uri, artifact)
+    sidecar = artifact + CHECKSUM_SUFFIX
+    if sidecar not in listed:
+        raise CheckpointError(
+            f"{uri.text}: {artifact} was logged without its checksum file {_name(sidecar)}; "
+            "refusing to load a checkpoint that cannot be verified"
+        )
+    return artifact, [artifact, sidecar]
+
+
+def _newest_folder(
+    reader: RunReader, uri: RunUri, listed: dict[str, bool], folders: list[str], staging: Path
+) -> str:
+    """The folder the logged `latest` pointer names (read as text), else the highest step."""
+    pointer = f"{ARTIFACT_DIR}/{DEEPSPEED_LATEST}"
+    if pointer in listed and not listed[pointer]:
+        reader.download(uri, [pointer], staging / ".pointer")
+        named = (staging / ".pointer" / pointer).read_text(encoding="utf-8", errors="replace")
+        shutil.rmtree(staging / ".pointer")
+        candidate = f"{ARTIFACT_DIR}/{named.strip()}"
+        if is_tag_name(named.strip()) and candidate in folders:
+            return candidate
+        logger.warning(
+            "%s: its %s names no logged folder; taking the highest step", uri.text, pointer
+        )
+    for folder in reversed(folders):  # newest first; a folder without its manifest is partial
+        if f"{folder}/{MANIFEST}" in reader.listing(uri, folder):
+            return folder
+    return ""
+
+
+def _name(path: str) -> str:
+    return PurePosixPath(path).name
