@@ -17,6 +17,7 @@ from pipeline.redact import redact
 SUBCOMMANDS = {
     "prepare": "pipeline.cli.prepare:prepare",
     "train": "pipeline.cli.train:train",
+    "rerun": "pipeline.cli.rerun:rerun",
     "plots": "pipeline.cli.plots:plots",
     "evaluate": "pipeline.cli.evaluate:evaluate",
     "generate": "pipeline.cli.generate:generate",

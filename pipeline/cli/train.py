@@ -8,6 +8,9 @@ With no config flags it trains what `params.yaml` describes (this is how DVC run
 params.yaml, unless `--params` names it too. Exit codes: 0 done, 2 bad input, 143 stopped by
 SIGTERM/SIGINT after saving a checkpoint (resume with `--resume_from_checkpoint latest`).
 
+`--rerun runs:/<run_id>` (also `gpt3 rerun`) trains a logged run again from its MLflow record
+instead of the config flags: see `pipeline/training/rerun.py`.
+
 Distributed: under torchrun, `python3 -m torch.distributed.launch` or `deepspeed`, every worker
 runs this same command and reads its rank from the environment (the flags must agree with the
 launcher's world). Run plainly with `--num_nodes` x `--gpus_per_node` > 1 (or params.yaml's
@@ -86,6 +89,38 @@ def config_from_flags(
     )
 
 
+RERUN_FLAGS = {"output_dir", "sets", "params_file"}
+"""Flags a rerun takes: where it goes, explicit overrides, and params.yaml for the store's URI."""
+
+
+def rerun_from_flags(
+    rerun: str, force: bool, resume: str | None, flags: dict[str, Any]
+) -> tuple[Config, dict[str, str]]:
+    """The config and MLflow tags of `--rerun`; other config flags would change it: refused."""
+    from pipeline.training.rerun import plan_rerun
+
+    given = sorted(
+        key for key, value in flags.items() if key not in RERUN_FLAGS and value not in (None, False)
+    )
+    if resume is not None:
+        given.insert(0, "resume_from_checkpoint")
+    if given:
+        raise ConfigError(
+            f"--rerun takes its config from the run's record; --{given[0]} would change it "
+            "(--set KEY=VALUE does, and is recorded)"
+        )
+    plan = plan_rerun(
+        rerun,
+        force=force,
+        output_dir=flags["output_dir"],
+        overrides=parse_set(flags["sets"]),
+        params_file=flags["params_file"],
+    )
+    for difference in plan.differences:
+        click.echo(f"warning: --force: {difference}", err=True)
+    return plan.config, plan.tags
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--params",
@@ -151,16 +186,36 @@ def config_from_flags(
     metavar="KEY=VALUE",
     help="Override any config key, e.g. --set training.lr=3e-4 (repeatable).",
 )
+@click.option(
+    "--rerun",
+    metavar="runs:/RUN_ID",
+    help="Train this MLflow run again from its record (resolved config, git commit, data "
+    "hash); takes no other config flags but --output_dir and --set.",
+)
+@click.option(
+    "--force",
+    is_flag=True,
+    help="With --rerun: go on when the code or the data differ from the run's (tagged).",
+)
 def train(
     resume_from_checkpoint: str | None,
     node_rank: int | None,
     master_addr: str | None,
     master_port: int | None,
     local_rank: int | None,
+    rerun: str | None,
+    force: bool,
     **flags: Any,
 ) -> int:
     """Train a GPT model (resumable; see the module docstring for precedence)."""
-    config = config_from_flags(**flags)  # every other flag is a config flag
+    tags: dict[str, str] = {}
+    if rerun is not None:
+        config, tags = rerun_from_flags(rerun, force, resume_from_checkpoint, flags)
+        resume_from_checkpoint = "auto"  # an interrupted rerun continues, a finished one again
+    elif force:
+        raise ConfigError("--force goes with --rerun runs:/RUN_ID")
+    else:
+        config = config_from_flags(**flags)  # every other flag is a config flag
     from pipeline.distributed.environment import LaunchFlags  # heavy imports after validation
     from pipeline.distributed.launch import submits_slurm_job
     from pipeline.distributed.session import plan_launch, training_strategy
@@ -178,6 +233,11 @@ def train(
         sys.argv,
     )
     if submits_slurm_job(config.distributed, launch.env):  # launcher slurm, outside the job
+        if rerun is not None:
+            raise ConfigError(
+                f"{rerun} trained under SLURM (distributed.launcher slurm): rerun it inside an "
+                "allocation (srun gpt3 rerun ...), or --set distributed.launcher=none"
+            )
         from pipeline.slurm.submit import submit_and_wait
 
         sys.exit(submit_and_wait(config, resume_from_checkpoint))
@@ -188,7 +248,7 @@ def train(
 
     with training_strategy(config, launch) as strategy:
         result = run_training(
-            config, resume=resume_from_checkpoint, console=True, strategy=strategy
+            config, resume=resume_from_checkpoint, console=True, strategy=strategy, tags=tags
         )
     if result.preempted:
         click.echo(

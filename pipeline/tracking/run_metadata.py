@@ -1,15 +1,17 @@
 """What an MLflow run says about itself: its name, tags that link it to git and DVC, its params.
 
 The tags make either side lead to the other: from a DVC experiment to its MLflow run
-(`dvc.exp_name`), from an MLflow run to the code (`git.commit`, `git.dirty`) and the data
-(`data.hash`). Params are the flattened resolved config with stable dotted keys, so runs line
-up column by column in the UI's compare view. A data mixture also gets one column per source
-weight (`data.sources.<name>.weight`; `data.sources` itself is one JSON value) and a
+(`dvc.exp_name`), from an MLflow run to the code (`git.commit`, `git.dirty`, and
+`git.uncommitted`: a fingerprint of the uncommitted code changes, which `gpt3 rerun` compares)
+and the data (`data.hash`). Params are the flattened resolved config with stable dotted keys,
+so runs line up column by column in the UI's compare view. A data mixture also gets one column
+per source weight (`data.sources.<name>.weight`; `data.sources` itself is one JSON value) and a
 `data.mixture` tag with the normalised shares, readable at a glance in the runs list.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -20,6 +22,7 @@ from typing import Any
 
 from pipeline.config.loader import flatten_config
 from pipeline.config.schema import Config
+from pipeline.hashing import file_sha256
 
 logger = logging.getLogger("pipeline.tracking")
 
@@ -28,6 +31,7 @@ MAX_PARAM_VALUE = 6000
 MAX_TAG_VALUE = 8000
 TRUNCATED = "...[truncated]"
 GIT_TIMEOUT_S = 5.0
+UNCOMMITTED_EXCLUDED = ("params.yaml", "dvc.lock")
 
 
 def run_name(config: Config) -> str:
@@ -45,8 +49,56 @@ def _git(args: list[str], cwd: Path) -> str | None:
     return done.stdout.strip() if done.returncode == 0 else None
 
 
+def _git_names(args: list[str], cwd: Path) -> list[str] | None:
+    """The NUL-separated path names a git command prints (None when it fails)."""
+    try:
+        done = subprocess.run(["git", *args], cwd=cwd, capture_output=True, timeout=GIT_TIMEOUT_S)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if done.returncode != 0:
+        return None
+    return [name for name in os.fsdecode(done.stdout).split("\0") if name]
+
+
+def uncommitted_changes(where: Path) -> str | None:
+    """A fingerprint of the code's uncommitted changes: `none` when there are none, else a
+    SHA-256 over each changed or untracked (not ignored) file's path and content; None when git
+    cannot tell.
+
+    Content, not `git diff` text, so the fingerprint does not depend on anyone's git config.
+    `UNCOMMITTED_EXCLUDED` files do not count: under `dvc exp run` params.yaml holds the
+    experiment's values (which resolved_config.yaml records) and dvc.lock the stages' hashes.
+    """
+    top_text = _git(["rev-parse", "--show-toplevel"], where)
+    if not top_text:
+        return None
+    top = Path(top_text)
+    excluded = [f":(top,exclude){name}" for name in UNCOMMITTED_EXCLUDED]
+    changed = _git_names(
+        ["diff", "HEAD", "--name-only", "--no-renames", "-z", "--", *excluded], top
+    )
+    untracked = _git_names(
+        ["ls-files", "--others", "--exclude-standard", "-z", "--", *excluded], top
+    )
+    if changed is None or untracked is None:
+        return None
+    names = sorted(set(changed) | set(untracked))
+    if not names:
+        return "none"
+    digest = hashlib.sha256()
+    for name in names:
+        path = top / name
+        try:
+            content = file_sha256(path) if path.is_file() else "absent"
+        except OSError as exc:
+            content = f"unreadable ({exc.strerror})"
+        digest.update(os.fsencode(f"{name}\0{content}\n"))
+    return digest.hexdigest()
+
+
 def git_state(cwd: Path | None = None) -> dict[str, str]:
-    """Commit and dirty flag of the code that runs; empty (logged, not raised) outside a repo.
+    """Commit, dirty flag and uncommitted-changes fingerprint of the code that runs; empty
+    (logged, not raised) outside a repo.
 
     The working directory is asked, not `DVC_ROOT`: under `dvc exp run --temp` the code that
     runs is the throwaway copy, whose state is the experiment's.
@@ -60,6 +112,9 @@ def git_state(cwd: Path | None = None) -> dict[str, str]:
     tags = {"git.commit": commit, "mlflow.source.git.commit": commit}
     if status is not None:
         tags["git.dirty"] = "true" if status else "false"
+    changes = uncommitted_changes(where)
+    if changes is not None:
+        tags["git.uncommitted"] = changes
     return tags
 
 
