@@ -10,6 +10,7 @@ through the real command line in this process: `gpt3 train` for the original, `g
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -17,13 +18,18 @@ from pathlib import Path
 
 import click
 import pytest
-from conftest import tiny_overrides
+from conftest import REPO_ROOT, tiny_overrides
+from dvc.utils.hydra import apply_overrides
 from mlflow_support import MlflowServer
 
 from pipeline.cli import run_command
+from pipeline.cli.dvc_exp import dvc_exp as dvc_exp_command
 from pipeline.cli.rerun import rerun as rerun_command
 from pipeline.cli.train import train as train_command
+from pipeline.config.loader import load_config, read_yaml_mapping
+from pipeline.config.output import public_values
 from pipeline.data.prepared import load_meta
+from pipeline.tracking.dvc_experiment import experiment_exists, leaves
 
 mlflow = pytest.importorskip("mlflow")
 from mlflow import MlflowClient  # noqa: E402
@@ -32,6 +38,7 @@ pytestmark = pytest.mark.slow
 
 WEIGHTS = Path("model") / "model.safetensors"
 EXPERIMENT = "rerun"
+EXP_NAME = "exp-tiny-1"
 
 
 def _git(repo: Path, *args: str) -> str:
@@ -107,10 +114,12 @@ def _overrides(prepared: Path, **extra: object) -> dict:
 
 @pytest.fixture(scope="module")
 def original(checkout: Path, server: MlflowServer, prepared_dir: Path) -> str:
-    """The run to rerun: `gpt3 train` in the clean checkout; returns its MLflow run id."""
+    """The run to rerun: `gpt3 train` in the clean checkout, named as `dvc exp run -n` names a
+    run (DVC_EXP_NAME); returns its MLflow run id."""
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(checkout)
         patch.setenv("MLFLOW_TRACKING_URI", server.url)
+        patch.setenv("DVC_EXP_NAME", EXP_NAME)
         with pytest.raises(SystemExit) as done:
             run_command(
                 train_command, ["--output_dir", "runs/original", *_sets(_overrides(prepared_dir))]
@@ -186,3 +195,41 @@ def test_other_code_or_data_is_refused_in_one_line_and_force_is_recorded(
     assert tags["rerun.forced"].startswith("git commit: the run's")
     assert json.loads(tags["rerun.overrides"]) == {"training.max_steps": 2}
     assert tags["git.commit"].startswith(head)
+
+
+def test_dvc_exp_prints_a_dvc_exp_run_line_that_recreates_the_runs_params(
+    env: Path,
+    original: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The printed `-S` values, applied by DVC's own parser to this project's params.yaml,
+    resolve to the run's config (all but where it wrote and its store)."""
+    params = tmp_path / "params.yaml"
+    shutil.copy(REPO_ROOT / "params.yaml", params)
+    monkeypatch.chdir(REPO_ROOT)  # params.yaml names its config files from the project root
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as done:
+        run_command(dvc_exp_command, [f"runs:/{original}", "--params", str(params)])
+    printed = capsys.readouterr()
+    out = printed.out.splitlines()
+    assert done.value.code == 0, printed.err
+    assert out[0] == f"# MLflow run {original}: DVC experiment {EXP_NAME!r}"
+    assert any(line.startswith("# the experiment is not in this repository") for line in out)
+    assert "git checkout " + _git(env, "rev-list", "--max-parents=0", "HEAD") in out
+    (line,) = [line for line in out if line.startswith("dvc exp run ")]
+    args = shlex.split(line)
+    assert args[3:5] == ["-n", EXP_NAME]
+    apply_overrides(params, [args[i + 1] for i, arg in enumerate(args) if arg == "-S"])
+    rebuilt = leaves(public_values(load_config(params_file=params)))
+    record = leaves(read_yaml_mapping(env / "runs" / "original" / "resolved_config.yaml"))
+    for key in ("output_dir", "tracking.uri"):
+        rebuilt.pop(key), record.pop(key)
+    assert rebuilt == record
+    assert out[-1] == "# not carried over: output_dir, tracking.uri"
+
+    # While the experiment exists, `dvc exp apply` is the way back (DVC keeps it as a git ref).
+    assert not experiment_exists(EXP_NAME, env)
+    _git(env, "update-ref", f"refs/exps/00/000000/{EXP_NAME}", "HEAD")
+    assert experiment_exists(EXP_NAME, env)

@@ -18,6 +18,7 @@ SUBCOMMANDS = {
     "prepare": "pipeline.cli.prepare:prepare",
     "train": "pipeline.cli.train:train",
     "rerun": "pipeline.cli.rerun:rerun",
+    "dvc-exp": "pipeline.cli.dvc_exp:dvc_exp",
     "plots": "pipeline.cli.plots:plots",
     "evaluate": "pipeline.cli.evaluate:evaluate",
     "generate": "pipeline.cli.generate:generate",

@@ -49,6 +49,11 @@ def _git(args: list[str], cwd: Path) -> str | None:
     return done.stdout.strip() if done.returncode == 0 else None
 
 
+def git_head(where: Path | None = None) -> str | None:
+    """The commit checked out at `where` (the working directory); None outside a repository."""
+    return _git(["rev-parse", "HEAD"], where or Path.cwd())
+
+
 def _git_names(args: list[str], cwd: Path) -> list[str] | None:
     """The NUL-separated path names a git command prints (None when it fails)."""
     try:
@@ -104,7 +109,7 @@ def git_state(cwd: Path | None = None) -> dict[str, str]:
     runs is the throwaway copy, whose state is the experiment's.
     """
     where = cwd or Path.cwd()
-    commit = _git(["rev-parse", "HEAD"], where)
+    commit = git_head(where)
     if not commit:
         logger.info("no git commit tag: %s is not in a git repository (or git is missing)", where)
         return {}
