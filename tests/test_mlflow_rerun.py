@@ -20,7 +20,7 @@ import click
 import pytest
 from conftest import REPO_ROOT, tiny_overrides
 from dvc.utils.hydra import apply_overrides
-from mlflow_support import MlflowServer
+from mlflow_support import MlflowServer, free_port
 
 from pipeline.cli import run_command
 from pipeline.cli.dvc_exp import dvc_exp as dvc_exp_command
@@ -167,6 +167,13 @@ def test_other_code_or_data_is_refused_in_one_line_and_force_is_recorded(
         assert not target.exists()
 
     refused(["--seed", "3"], "--rerun takes its config from the run's record; --seed would")
+    unknown = "0" * 32
+    code, err = _cli(rerun_command, [f"runs:/{unknown}", "--output_dir", str(target)], capsys)
+    expected = f"error: runs:/{unknown}: no MLflow run {unknown} at {server.url}"
+    assert code == 2 and err.strip() == expected and not target.exists()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+        refused([], "does not answer (")
     (env / "code.py").write_text("STEP = 2\n")
     refused([], "this checkout has uncommitted changes the run did not have; --force")
     _git(env, "commit", "-q", "-am", "second")

@@ -264,11 +264,14 @@ def test_bad_sources_are_one_line_and_write_nothing(
         (f"runs:/{bare}", {}, f"MLflow run {bare} has no logged checkpoints"),
         (f"runs:/{original}/checkpoints/step_0000005.pt", {}, "has no checkpoint"),
         (f"runs:/{original}", {"model.n_layer": 3}, "model.n_layer: checkpoint 2 != config 3"),
-        (f"runs:/{original}", {"tracking.uri": down}, "Connection refused"),
+        (f"runs:/{original}", {"tracking.uri": down}, f"MLflow at {down} does not answer ("),
     ]
+    experiment = client.get_experiment_by_name("resume").experiment_id
+    runs_before = len(client.search_runs([experiment]))
     for uri, extra, expected in cases:
         code, err = _cli(["--resume_from_checkpoint", uri, *_sets({**overrides, **extra})], capsys)
         lines = err.strip().splitlines()
         assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (uri, err)
         assert expected in lines[0], (uri, lines[0])
         assert not run_dir.exists() and not list(_own_tmpdir.glob("gpt3-from-mlflow-*")), uri
+    assert len(client.search_runs([experiment])) == runs_before, "no run was started"

@@ -108,7 +108,12 @@ class RunReader:
         self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
     def _failed(self, what: str, exc: BaseException) -> CheckpointError:
-        return CheckpointError(f"{what}: MLflow at {redact(self.uri)} failed: {_reason(exc)}")
+        reason = _reason(exc)
+        if _ERRNO_RE.search(str(exc)) or "timed out" in str(exc).lower():
+            return CheckpointError(
+                f"{what}: MLflow at {redact(self.uri)} does not answer ({reason})"
+            )
+        return CheckpointError(f"{what}: MLflow at {redact(self.uri)} failed: {reason}")
 
     def run(self, uri: RunUri) -> Any:
         """The run `uri` names; an unknown or deleted run, or no answer, is a CheckpointError."""

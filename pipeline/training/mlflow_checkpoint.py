@@ -176,10 +176,11 @@ def _choose(
             latest = f"{ARTIFACT_DIR}/{LATEST_NAME}"
             artifact = latest if latest in listed else (step_files[-1] if step_files else "")
         if not artifact:
-            other = "single-file" if deepspeed else "DeepSpeed"
+            other = "single-file (strategy single or ddp)" if deepspeed else "DeepSpeed"
             raise CheckpointError(
-                f"{uri.text}: this run resumes from {layout}, and MLflow run {uri.run_id} "
-                f"logged only {other} checkpoints (another strategy); name one to see why"
+                f"{uri.text}: this run (strategy {'deepspeed' if deepspeed else 'single or ddp'})"
+                f" resumes from {layout}, but MLflow run {uri.run_id} logged only {other} "
+                "checkpoints"
             )
     else:
         artifact = uri.path
