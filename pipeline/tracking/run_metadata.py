@@ -32,6 +32,9 @@ MAX_TAG_VALUE = 8000
 TRUNCATED = "...[truncated]"
 GIT_TIMEOUT_S = 5.0
 UNCOMMITTED_EXCLUDED = ("params.yaml", "dvc.lock")
+HASHED_CHANGE_BYTES = 16 << 20
+"""A changed or untracked file larger than this counts by its size, so that a big data file
+left untracked does not make every run's start hash it (code files are far smaller)."""
 
 
 def run_name(config: Config) -> str:
@@ -67,8 +70,8 @@ def _git_names(args: list[str], cwd: Path) -> list[str] | None:
 
 def uncommitted_changes(where: Path) -> str | None:
     """A fingerprint of the code's uncommitted changes: `none` when there are none, else a
-    SHA-256 over each changed or untracked (not ignored) file's path and content; None when git
-    cannot tell.
+    SHA-256 over each changed or untracked (not ignored) file's path and content (its size, past
+    `HASHED_CHANGE_BYTES`); None when git cannot tell.
 
     Content, not `git diff` text, so the fingerprint does not depend on anyone's git config.
     `UNCOMMITTED_EXCLUDED` files do not count: under `dvc exp run` params.yaml holds the
@@ -94,7 +97,12 @@ def uncommitted_changes(where: Path) -> str | None:
     for name in names:
         path = top / name
         try:
-            content = file_sha256(path) if path.is_file() else "absent"
+            if not path.is_file():
+                content = "absent"
+            elif path.stat().st_size > HASHED_CHANGE_BYTES:  # data left untracked, not code
+                content = f"size {path.stat().st_size}"
+            else:
+                content = file_sha256(path)
         except OSError as exc:
             content = f"unreadable ({exc.strerror})"
         digest.update(os.fsencode(f"{name}\0{content}\n"))
