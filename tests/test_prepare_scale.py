@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -288,3 +289,124 @@ def test_peak_memory_does_not_grow_with_the_corpus(tmp_path: Path) -> None:
         peaks[megabytes] = int(proc.stderr.split("PEAK_KB")[1].split()[0]) / 1024
     # 4x the text, about the same peak (the old prepare grew by ~2.3 bytes per byte of text)
     assert peaks[24] < peaks[6] * 1.15 + 20, peaks
+
+
+def test_ctrl_c_during_a_run_ends_it_and_keeps_the_previous_output(
+    corpus: Path, tmp_path: Path
+) -> None:
+    """A terminal's Ctrl-C reaches the whole process group, workers included: prepare must end
+    (a worker dying inside the pool's queue lock once hung it) and leave the old data."""
+    params = tmp_path / "params.yaml"
+    data = {"vocab_size": 2000, "num_workers": 2, "task_bytes": 200_000}
+    params.write_text(yaml.safe_dump({"data": data}))
+    args = ["prepare", "--params", str(params), "--input", f"{corpus}/*", "--no-progress"]
+    assert _cli(args, tmp_path).returncode == 0
+    before = _files(tmp_path / "data" / "prepared")
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    process = subprocess.Popen(
+        [sys.executable, "-c", "from pipeline.cli import main; main()", *args],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    work = tmp_path / "data" / ".prepare_work"
+    while process.poll() is None and not any(work.glob("run-*/*/sample")):
+        pass  # until the sample pass has begun: the pool is idle or busy, the BPE about to train
+    assert process.poll() is None, "prepare ended before it could be interrupted"
+    os.killpg(process.pid, signal.SIGINT)
+    try:
+        process.wait(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode != 0
+    assert _files(tmp_path / "data" / "prepared") == before
+
+
+def test_an_input_changed_between_passes_is_an_error_not_silent_data(tmp_path: Path) -> None:
+    """The scan decided the split from the text it read; encode must not write other text."""
+    from pipeline.data.inputs import plan_tasks, source_inputs
+    from pipeline.data.phases import Cuts, PhaseJob
+    from pipeline.data.sources import data_sources
+    from pipeline.errors import DataError
+
+    corpus = tmp_path / "in.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"doc {i} " * 20}) + "\n" for i in range(20)))
+    config = load_config(overrides=one_source(tmp_path, tmp_path / "out"))
+    config.data.inputs = [str(corpus)]
+    (spec,) = data_sources(config.data)
+    inputs = tuple(source_inputs(spec))
+    tasks = tuple(plan_tasks(inputs, 1 << 20))
+    work = tmp_path / "work"
+    scan = PhaseJob("scan", tasks, inputs, "text", 1, str(work))
+    scan(0)
+    corpus.write_text(corpus.read_text().replace("doc 7 ", "doc 8 "))  # same count, other text
+    (tmp_path / "out").mkdir()
+    encode = PhaseJob(
+        "encode", tasks, inputs, "text", 1, str(work),
+        cuts=Cuts((0,), (0, -1), None), tokenizer_kind="bpe", out_dir=str(tmp_path / "out"),
+        tokenizer_dir=str(_tiny_tokenizer(tmp_path)),
+    )  # fmt: skip
+    with pytest.raises(DataError, match=r"in\.jsonl:8: the input changed while preparing"):
+        encode(0)
+
+
+def _tiny_tokenizer(tmp_path: Path) -> Path:
+    from pipeline.data.tokenizer import train_bpe
+
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    train_bpe(["doc a b c"], 300, folder / "tokenizer.json")
+    return folder
+
+
+def test_folders_that_overlap_or_hold_the_inputs_are_refused(corpus: Path, tmp_path: Path) -> None:
+    from pipeline.errors import ConfigError, DataError
+
+    sources = {"web": {"kind": "files", "inputs": [str(corpus / "*")], "text_field": "text"}}
+    with pytest.raises(ConfigError, match="overlap; prepare replaces these folders whole"):
+        load_config(overrides={"data.sources": sources, "data.tokenizer_dir": "data/prepared/web"})
+    out = tmp_path / "out"
+    _prepare(one_source(corpus, out))  # earlier prepared data, then an input copied into it
+    (out / "mine.txt").write_text("a document that lives in the output folder " * 20)
+    before = _files(out)
+    with pytest.raises(DataError, match="an input inside the prepared folder"):
+        _prepare(
+            {**one_source(corpus, out), "data.inputs": [str(corpus / "*"), str(out / "*.txt")]}
+        )
+    assert _files(out) == before
+
+
+def test_a_symlinked_prepared_folder_is_written_where_it_points(
+    corpus: Path, tmp_path: Path
+) -> None:
+    real = tmp_path / "bigdisk" / "prepared"
+    real.mkdir(parents=True)
+    link = tmp_path / "data" / "prepared"
+    link.parent.mkdir()
+    link.symlink_to(real)
+    for _ in range(2):  # a first run and a replacement
+        _prepare({**one_source(corpus, link), "data.work_dir": str(tmp_path / "work")})
+    assert link.is_symlink() and (real / "meta.json").is_file()
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["prepared"]
+
+
+def test_a_source_needs_the_tokenizer_built_with_its_settings(tmp_path: Path) -> None:
+    from pipeline.errors import DataError
+
+    web = write_corpus(tmp_path / "raw", seed=4)
+    sources = {"web": {"kind": "files", "inputs": [str(web / "*")], "text_field": "text"}}
+    overrides = {
+        "data.sources": sources,
+        "data.vocab_size": 300,
+        "data.prepared_dir": str(tmp_path / "prepared"),
+        "data.tokenizer_dir": str(tmp_path / "tokenizer"),
+        "data.work_dir": str(tmp_path / "work"),
+    }
+    prepare_data(load_config(overrides=overrides), progress=False, tokenizer_only=True)
+    changed = load_config(overrides={**overrides, "data.vocab_size": 400, "seed": 9})
+    with pytest.raises(DataError, match=r"built with seed 1337, vocab_size 300, not this"):
+        prepare_data(changed, progress=False, source="web")
+    assert not (tmp_path / "prepared").exists()

@@ -8,6 +8,7 @@ whole resolved config is checked once, up front, before anything is written.
 from __future__ import annotations
 
 import ntpath
+import os
 import posixpath
 import re
 from typing import Literal
@@ -54,6 +55,12 @@ class SourceConfig(Section):
         if self.kind == "shakespeare" and self.inputs:
             raise CrossFieldError("kind 'shakespeare' takes no inputs", "inputs", "kind")
         return self
+
+
+def _overlap(a: str, b: str) -> bool:
+    """Whether two folders are the same or one lies inside the other (as written)."""
+    first, second = os.path.normpath(os.path.abspath(a)), os.path.normpath(os.path.abspath(b))
+    return first == second or first.startswith(second + os.sep) or second.startswith(first + os.sep)
 
 
 class DataConfig(Section):
@@ -123,6 +130,23 @@ class DataConfig(Section):
                 f"names no source of data.sources ({', '.join(self.sources) or 'none'}): "
                 f"{unknown or 'an empty list'}",
                 "tokenizer_sources",
+            )
+        folders = {"prepared_dir": self.prepared_dir, "work_dir": self.work_dir}
+        if self.sources:
+            folders["tokenizer_dir"] = self.tokenizer_dir
+        clashes = [
+            (a, b)
+            for i, (a, path_a) in enumerate(folders.items())
+            for b, path_b in list(folders.items())[i + 1 :]
+            if _overlap(path_a, path_b)
+        ]
+        if clashes:
+            a, b = clashes[0]
+            raise CrossFieldError(
+                f"{folders[a]!r} and {folders[b]!r} overlap; prepare replaces these folders "
+                "whole, so they must lie apart",
+                a,
+                b,
             )
         bad = [name for name in self.sources if not re.match(SOURCE_NAME_PATTERN, name)]
         if bad:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import multiprocessing
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -27,7 +28,12 @@ from pipeline.errors import ConfigError, DataError
 class LocalPool:
     """Spawned worker processes kept for every pass of one prepare (starting a pool of spawned
     interpreters costs about a second, per pass if made anew). Spawned, not forked: HF
-    tokenizers' threads and fork do not mix."""
+    tokenizers' threads and fork do not mix.
+
+    Workers ignore SIGINT: a terminal's Ctrl-C reaches the whole process group, and a worker
+    killed by it while holding the pool's queue lock would hang `Pool.terminate`. Only the
+    coordinator handles the interrupt, and on any error it terminates the pool.
+    """
 
     def __init__(self, workers: int) -> None:
         self.workers = workers
@@ -35,17 +41,26 @@ class LocalPool:
 
     def imap(self, job: PhaseJob, ranks: range) -> Any:
         if self._pool is None:
-            self._pool = multiprocessing.get_context("spawn").Pool(processes=self.workers)
-        return self._pool.imap(_RankRunner(job), ranks)
+            context = multiprocessing.get_context("spawn")
+            self._pool = context.Pool(processes=self.workers, initializer=_ignore_sigint)
+        return self._pool.imap(_RankRunner(), (job.narrowed(rank) for rank in ranks))
 
     def __enter__(self) -> LocalPool:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._pool is not None:
-            self._pool.terminate() if exc[0] is not None else self._pool.close()
-            self._pool.join()
-            self._pool = None
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        if exc[0] is None:
+            pool.close()
+        else:
+            pool.terminate()  # safe: no worker dies of SIGINT holding the queue's lock
+        pool.join()
+
+
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def run_phase(
@@ -116,13 +131,12 @@ def _run_local(
 
 
 class _RankRunner:
-    """Calls the job and returns the rank (a pool needs a picklable callable)."""
+    """Runs one (job, rank) and returns the rank (a pool needs a picklable callable); each
+    task is sent only its own part of the job (`PhaseJob.narrowed`)."""
 
-    def __init__(self, job: PhaseJob) -> None:
-        self.job = job
-
-    def __call__(self, rank: int) -> int:
-        self.job(rank)
+    def __call__(self, narrowed: tuple[PhaseJob, int]) -> int:
+        job, rank = narrowed
+        job(rank)
         return rank
 
 

@@ -16,7 +16,7 @@ import json
 import os
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,11 @@ from pipeline.errors import DataError
 
 ENCODE_BATCH_BYTES = 1 << 20
 """Text tokenized per batch before its ids are written."""
+ENCODE_BATCH_IDS = 1 << 20
+"""Ids held at most before writing, however long one document is."""
+SAMPLE_PIECE_CHARS = 1 << 20
+"""The BPE learns from sampled documents in pieces of about this size (cut where GPT-2's
+pre-tokenizer always cuts, so the word counts, and the BPE, are those of whole documents)."""
 ERRORS = "errors"
 """Folder of the work dir where a task that met bad input leaves its one-line message."""
 
@@ -74,6 +79,15 @@ class PhaseJob:
                 Path(self.work_dir) / ERRORS / f"{self.phase}-{rank:05d}.txt", str(exc).encode()
             )
             raise
+
+    def narrowed(self, rank: int) -> tuple[PhaseJob, int]:
+        """This job with only task `rank`'s task and inputs filled in (the rest None): what one
+        worker needs, so dispatching N tasks does not pickle N copies of every task."""
+        task = self.tasks[rank]
+        tasks = tuple(t if i == rank else None for i, t in enumerate(self.tasks))
+        needed = set(task.first_pieces)
+        inputs = tuple(item if i in needed else None for i, item in enumerate(self.inputs))
+        return replace(self, tasks=tasks, inputs=inputs), rank  # type: ignore[arg-type]
 
     def path(self, kind: str, rank: int, suffix: str) -> Path:
         return Path(self.work_dir) / kind / f"{rank:05d}{suffix}"
@@ -162,6 +176,7 @@ def read_sample(work_dir: str | Path, ranks: int) -> Iterator[str]:
 
 def _encode(job: PhaseJob, rank: int) -> None:
     is_val, _ = _choices(job, rank)
+    scanned = read_keys(job.work_dir, rank)["split"]
     tokenizer = open_tokenizer(job.tokenizer_kind, job.tokenizer_dir)
     dtype = np.dtype(job.dtype)
     out = Path(job.out_dir)
@@ -176,15 +191,26 @@ def _encode(job: PhaseJob, rank: int) -> None:
     def flush(split: str) -> None:
         ids: list[int] = []
         for text in batches[split]:
-            ids.extend(tokenizer.encode(text))
+            for piece_ids in tokenizer.encode_pieces(text):
+                ids.extend(piece_ids)
+                if len(ids) >= ENCODE_BATCH_IDS:  # a huge document: write as it goes
+                    writers[split].write(np.asarray(ids, dtype=dtype))
+                    ids = []
             ids.append(tokenizer.eot_id)
         writers[split].write(np.asarray(ids, dtype=dtype))
         batches[split], pending[split] = [], 0
 
+    task = job.tasks[rank]
     index = 0
-    for document, data in _documents(job.tasks[rank], job.text_field):
+    for document, data in _documents(task, job.text_field):
         if not data:
             continue
+        digest = hashlib.sha256(data).hexdigest()
+        if index >= len(scanned) or split_key(job.seed, digest) != int(scanned[index]):
+            raise DataError(
+                f"{document.where}: the input changed while preparing (this document differs "
+                "from what the scan read); prepare again once the inputs stay put"
+            )
         split = "val" if is_val[index] else "train"
         index += 1
         batches[split].append(document.text)
@@ -193,10 +219,10 @@ def _encode(job: PhaseJob, rank: int) -> None:
         stats[split]["text_bytes"] += len(data)
         if pending[split] >= ENCODE_BATCH_BYTES:
             flush(split)
-    if index != len(is_val):
+    if index != len(scanned):
         raise DataError(
-            f"{job.tasks[rank].pieces[0].path}: the inputs changed while preparing "
-            f"({index} documents now, {len(is_val)} when scanned); prepare again"
+            f"{task.pieces[0].path}: the input changed while preparing ({index} documents "
+            f"now, {len(scanned)} when scanned); prepare again once the inputs stay put"
         )
     result: dict[str, Any] = {}
     for split, writer in writers.items():

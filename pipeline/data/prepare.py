@@ -52,6 +52,7 @@ from pipeline.data.doc_keys import KeyChunk, iter_positions, smallest_within, va
 from pipeline.data.executors import LocalPool, run_phase
 from pipeline.data.inputs import InputFile, Task, plan_tasks, source_inputs
 from pipeline.data.phases import (
+    SAMPLE_PIECE_CHARS,
     Cuts,
     PhaseJob,
     read_encode_result,
@@ -79,7 +80,12 @@ from pipeline.data.prepared import (
     verify_prepared,
 )
 from pipeline.data.sources import SourceSpec, data_sources, find_source, tokenizer_folder
-from pipeline.data.tokenizer import Tokenizer, open_tokenizer, tokenizer_kind
+from pipeline.data.tokenizer import (
+    Tokenizer,
+    open_tokenizer,
+    split_at_safe_boundaries,
+    tokenizer_kind,
+)
 from pipeline.errors import DataError
 from pipeline.hashing import file_sha256
 
@@ -187,6 +193,13 @@ def _scan(
 ) -> ScannedSource:
     data = config.data
     inputs = tuple(source_inputs(spec))
+    target = spec.folder.resolve()
+    inside = [item.display for item in inputs if item.path.resolve().is_relative_to(target)]
+    if inside:
+        raise DataError(
+            f"{inside[0]}: an input inside the prepared folder {spec.folder}, which prepare "
+            "replaces whole; move the inputs elsewhere"
+        )
     tasks = tuple(plan_tasks(inputs, data.task_bytes))
     work = work_root / spec.name
     shutil.rmtree(work, ignore_errors=True)
@@ -271,7 +284,7 @@ def _build_tokenizer(
             for text in read_sample(source.work_dir, len(source.tasks)):
                 stats["documents"] += 1
                 stats["text_bytes"] += len(text.encode("utf-8"))
-                yield text
+                yield from split_at_safe_boundaries(text, SAMPLE_PIECE_CHARS)
 
     tokenizer = build(texts(), folder, progress)  # type: ignore[arg-type]
     return tokenizer, SampleMeta(limit_bytes=data.tokenizer_sample_bytes, **stats)
@@ -370,6 +383,8 @@ class _Staging:
 
     def __init__(self, target: Path, marker: str = META_FILE) -> None:
         self.target = target.absolute()
+        if self.target.is_symlink():  # write where the link points (e.g. a bigger disk)
+            self.target = self.target.resolve()
         check_target(self.target, marker)
 
     def __enter__(self) -> Path:
@@ -387,8 +402,22 @@ class _Staging:
         shutil.rmtree(self.folder, ignore_errors=True)  # gone already after a commit
 
 
-def _shared_tokenizer(data: DataConfig) -> tuple[Tokenizer, SampleMeta | None]:
-    """A mixture's tokenizer, built earlier by `--tokenizer_only`."""
+def _tokenizer_settings(data: DataConfig, seed: int) -> dict[str, object]:
+    """What a shared tokenizer depends on: a source prepared with it must agree on all."""
+    if data.tokenizer != "bpe":
+        return {"kind": data.tokenizer}
+    return {
+        "kind": data.tokenizer,
+        "vocab_size": data.vocab_size,
+        "seed": seed,
+        "val_fraction": data.val_fraction,
+        "tokenizer_sample_bytes": data.tokenizer_sample_bytes,
+        "tokenizer_sources": data.tokenizer_sources,
+    }
+
+
+def _shared_tokenizer(data: DataConfig, seed: int) -> tuple[Tokenizer, SampleMeta | None]:
+    """A mixture's tokenizer, built earlier by `--tokenizer_only`, checked to fit the config."""
     folder = tokenizer_folder(data)
     meta_file = folder / TOKENIZER_META
     if not meta_file.is_file():
@@ -401,6 +430,14 @@ def _shared_tokenizer(data: DataConfig) -> tuple[Tokenizer, SampleMeta | None]:
         raise DataError(
             f"{folder}: holds a {record.get('kind')} tokenizer but data.tokenizer is "
             f"{data.tokenizer}; run `gpt3 prepare --tokenizer_only` again"
+        )
+    built, wanted = record.get("settings") or {}, _tokenizer_settings(data, seed)
+    changed = sorted(key for key in wanted if built.get(key) != wanted[key])
+    if changed:
+        was = ", ".join(f"{key} {built.get(key)!r}" for key in changed)
+        raise DataError(
+            f"{folder}: the shared tokenizer was built with {was}, not this config's; run "
+            "`gpt3 prepare --tokenizer_only` (the DVC stage `tokenizer`) again"
         )
     tokenizer = open_tokenizer(record["kind"], folder)
     if file_sha256(tokenizer.file) != record.get("sha256"):
@@ -507,13 +544,14 @@ def _prepare_mixture(
             "eot_id": tokenizer.eot_id,
             "seed": config.seed,
             "sources": learn_from,
+            "settings": _tokenizer_settings(data, config.seed),
             "sample": sample.model_dump() if sample else None,
         }
         _write_json(folder / TOKENIZER_META, json.dumps(record, indent=2))
         tokenizer_staging.commit()
     if tokenizer_only:
         return []
-    shared, sample = _shared_tokenizer(data)
+    shared, sample = _shared_tokenizer(data, config.seed)
     summaries = []
     for source, staging in zip(scanned, stagings, strict=True):
         started = time.perf_counter()
@@ -528,7 +566,7 @@ def _prepare_one_of_mixture(
 ) -> PrepareSummary:
     started = time.perf_counter()
     staging = _Staging(spec.folder)
-    shared, sample = _shared_tokenizer(config.data)
+    shared, sample = _shared_tokenizer(config.data, config.seed)
     scanned = _scan(config, spec, work_root, progress, pool)
     return _encode_into(config, scanned, shared, sample, staging, progress, started, pool)
 

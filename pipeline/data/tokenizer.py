@@ -17,7 +17,7 @@ import hashlib
 import logging
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -120,9 +120,15 @@ class Tokenizer(ABC):
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`, with no end-of-text token added."""
         ids: list[int] = []
-        for piece in split_at_safe_boundaries(text, self.max_piece_chars):
-            ids.extend(self._encode_piece(piece))
+        for piece_ids in self.encode_pieces(text):
+            ids.extend(piece_ids)
         return ids
+
+    def encode_pieces(self, text: str) -> Iterator[list[int]]:
+        """The ids of `text` a piece at a time (together exactly `encode(text)`), so a huge
+        document never has all its ids in memory at once."""
+        for piece in split_at_safe_boundaries(text, self.max_piece_chars):
+            yield self._encode_piece(piece)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(vocab_size={self.vocab_size}, file={str(self.file)!r})"

@@ -25,6 +25,8 @@ from pipeline.evaluation.model_source import LoadedModel, open_model
 from pipeline.evaluation.output import write_metrics
 from pipeline.evaluation.samples import generate_samples, write_samples
 from pipeline.evaluation.tracking_hook import log_to_tracking, resolve_tracking_uri
+from pipeline.hashing import file_sha256
+from pipeline.training.components import check_same_vocabulary
 from pipeline.training.precision import MixedPrecision
 
 logger = logging.getLogger("pipeline.evaluate")
@@ -77,11 +79,18 @@ def _evaluate_loaded(
 
     model, tokenizer = loaded.model, loaded.tokenizer
     device = next(model.parameters()).device
+    check_same_vocabulary(sources, metas)  # a mixture's sources share one tokenizer
     if (meta.vocab_size, meta.eot_id) != (tokenizer.vocab_size, tokenizer.eot_id):
         raise DataError(
             f"{sources[0].folder}: its vocabulary ({meta.vocab_size} tokens, end-of-text "
             f"{meta.eot_id}) is not the model's ({tokenizer.vocab_size}, {tokenizer.eot_id} in "
             f"{loaded.source}); evaluate on data prepared with the model's tokenizer"
+        )
+    data_tokenizer = meta.outputs.get(meta.tokenizer.file)
+    if tokenizer.file.is_file() and data_tokenizer not in (None, file_sha256(tokenizer.file)):
+        raise DataError(
+            f"{sources[0].folder}: prepared with another tokenizer of the same size than the "
+            f"model's ({tokenizer.file}); evaluate on data prepared with the model's tokenizer"
         )
     autocast = MixedPrecision.create(config.training.precision, device).autocast
     n_ctx = model.config.n_ctx
