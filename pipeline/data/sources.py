@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.config.schema import DataConfig
-from pipeline.errors import ConfigError
+from pipeline.data.prepared import PreparedMeta
+from pipeline.errors import ConfigError, DataError
 
 
 @dataclass(frozen=True)
@@ -73,3 +74,25 @@ def tokenizer_folder(data: DataConfig) -> Path:
 def primary_folder(data: DataConfig) -> Path:
     """The folder later stages take the tokenizer and vocabulary from: the first source's."""
     return data_sources(data)[0].folder
+
+
+def tokenizer_id(meta: PreparedMeta) -> str:
+    """Which tokenizer made a prepared folder: its kind and the hash of its file."""
+    return f"{meta.tokenizer.kind}:{meta.outputs.get(meta.tokenizer.file, '?')}"
+
+
+def check_same_vocabulary(specs: list[SourceSpec], metas: list[PreparedMeta]) -> None:
+    """Every source must be tokenized alike: one model reads them all with one embedding."""
+    first, first_meta = specs[0], metas[0]
+    for spec, meta in zip(specs[1:], metas[1:], strict=True):
+        for what, get in (
+            ("vocab_size", lambda m: m.vocab_size),
+            ("eot_id", lambda m: m.eot_id),
+            ("dtype", lambda m: m.dtype),
+            ("tokenizer", tokenizer_id),
+        ):
+            if get(meta) != get(first_meta):
+                raise DataError(
+                    f"{first.folder} and {spec.folder} differ in {what} ({get(first_meta)} vs "
+                    f"{get(meta)}): the sources of a mixture need one tokenizer; prepare again"
+                )

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from pipeline.config.schema import Config
 from pipeline.data.prepare import load_meta, open_stream
-from pipeline.data.sources import data_sources
+from pipeline.data.sources import check_same_vocabulary, data_sources
 from pipeline.errors import DataError
 from pipeline.evaluation.benchmarks import load_examples, parse_benchmarks, run_benchmark
 from pipeline.evaluation.lm_metrics import LMMetrics, evaluate_tokens, mixture_metrics
@@ -26,7 +26,6 @@ from pipeline.evaluation.output import write_metrics
 from pipeline.evaluation.samples import generate_samples, write_samples
 from pipeline.evaluation.tracking_hook import log_to_tracking, resolve_tracking_uri
 from pipeline.hashing import file_sha256
-from pipeline.training.components import check_same_vocabulary
 from pipeline.training.precision import MixedPrecision
 
 logger = logging.getLogger("pipeline.evaluate")

@@ -19,7 +19,7 @@ import torch
 
 from pipeline.config.schema import Config, TrainingConfig
 from pipeline.data.prepared import PreparedMeta, load_meta, open_stream
-from pipeline.data.sources import SourceSpec, data_sources
+from pipeline.data.sources import SourceSpec, check_same_vocabulary, data_sources, tokenizer_id
 from pipeline.errors import ConfigError, DataError
 from pipeline.model import GPT, flops_per_token
 from pipeline.training.batching import global_batch_sequences
@@ -123,27 +123,6 @@ def total_tokens(config: Config, batch_tokens: int) -> int:
     return min(candidates)
 
 
-def _tokenizer_id(meta: PreparedMeta) -> str:
-    return f"{meta.tokenizer.kind}:{meta.outputs.get(meta.tokenizer.file, '?')}"
-
-
-def check_same_vocabulary(specs: list[SourceSpec], metas: list[PreparedMeta]) -> None:
-    """Every source must be tokenized alike: one model reads them all with one embedding."""
-    first, first_meta = specs[0], metas[0]
-    for spec, meta in zip(specs[1:], metas[1:], strict=True):
-        for what, get in (
-            ("vocab_size", lambda m: m.vocab_size),
-            ("eot_id", lambda m: m.eot_id),
-            ("dtype", lambda m: m.dtype),
-            ("tokenizer", _tokenizer_id),
-        ):
-            if get(meta) != get(first_meta):
-                raise DataError(
-                    f"{first.folder} and {spec.folder} differ in {what} ({get(first_meta)} vs "
-                    f"{get(meta)}): the sources of a mixture need one tokenizer; prepare again"
-                )
-
-
 def mixture_data_hash(specs: list[SourceSpec], metas: list[PreparedMeta]) -> str:
     """One source: its data_hash (unchanged); a mixture: sha256 over (name, weight, hash)."""
     if len(specs) == 1:
@@ -245,7 +224,7 @@ def build_components(config: Config) -> TrainingComponents:
         val_sampler=val_sampler,
         schedule=schedule,
         vocab_size=vocab_size,
-        tokenizer_id=_tokenizer_id(meta),
+        tokenizer_id=tokenizer_id(meta),
         data_hash=mixture_data_hash(specs, metas),
         flops_per_token=flops_per_token(config.model, vocab_size, seq),
     )
