@@ -47,6 +47,9 @@ BYTE_ALPHABET_SIZE = 256
 
 MAX_PIECE_CHARS = 1 << 14
 """`encode` cuts text into pieces of about this many characters (see `split_at_safe_boundaries`)."""
+TIKTOKEN_PIECE_CHARS = 1 << 18
+"""tiktoken is fastest on long pieces (measured: 16K-character pieces ran at 70% of its own
+batch speed); pieces still bound the memory of a huge document."""
 
 BPE_FILE = "tokenizer.json"
 R50K_FILE = "r50k_base.tiktoken"
@@ -228,7 +231,7 @@ class TiktokenTokenizer(Tokenizer):
     kind = "gpt2"
 
     def __init__(
-        self, encoding: tiktoken.Encoding, file: Path, max_piece_chars: int = MAX_PIECE_CHARS
+        self, encoding: tiktoken.Encoding, file: Path, max_piece_chars: int = TIKTOKEN_PIECE_CHARS
     ) -> None:
         super().__init__((file,), max_piece_chars)
         if EOT_TOKEN not in encoding.special_tokens_set:
