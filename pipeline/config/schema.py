@@ -58,7 +58,10 @@ class SourceConfig(Section):
 
 
 def _overlap(a: str, b: str) -> bool:
-    """Whether two folders are the same or one lies inside the other (as written)."""
+    """Whether two folders are the same or one lies inside the other (as written). An empty
+    path is left to prepare's own check (it never replaces a folder that is not its output)."""
+    if not a.strip() or not b.strip():
+        return False
     first, second = os.path.normpath(os.path.abspath(a)), os.path.normpath(os.path.abspath(b))
     return first == second or first.startswith(second + os.sep) or second.startswith(first + os.sep)
 
@@ -131,22 +134,12 @@ class DataConfig(Section):
                 f"{unknown or 'an empty list'}",
                 "tokenizer_sources",
             )
-        folders = {"prepared_dir": self.prepared_dir, "work_dir": self.work_dir}
-        if self.sources:
-            folders["tokenizer_dir"] = self.tokenizer_dir
-        clashes = [
-            (a, b)
-            for i, (a, path_a) in enumerate(folders.items())
-            for b, path_b in list(folders.items())[i + 1 :]
-            if _overlap(path_a, path_b)
-        ]
-        if clashes:
-            a, b = clashes[0]
+        if self.sources and _overlap(self.prepared_dir, self.tokenizer_dir):
             raise CrossFieldError(
-                f"{folders[a]!r} and {folders[b]!r} overlap; prepare replaces these folders "
-                "whole, so they must lie apart",
-                a,
-                b,
+                f"{self.prepared_dir!r} and {self.tokenizer_dir!r} overlap; prepare replaces "
+                "these folders whole, so they must lie apart",
+                "prepared_dir",
+                "tokenizer_dir",
             )
         bad = [name for name in self.sources if not re.match(SOURCE_NAME_PATTERN, name)]
         if bad:
