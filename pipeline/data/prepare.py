@@ -27,12 +27,9 @@ the modules behind it; import from here.
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import shutil
 import socket
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -41,13 +38,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.config.schema import Config, DataConfig
-from pipeline.data.atomic_swap import (
-    check_target,
-    pid_alive,
-    recover_stale_siblings,
-    swap_into_place,
-)
+from pipeline.config.schema import Config
 from pipeline.data.doc_keys import KeyChunk, iter_positions, smallest_within, val_count
 from pipeline.data.executors import LocalPool, run_phase
 from pipeline.data.inputs import InputFile, Task, plan_tasks, source_inputs
@@ -79,7 +70,13 @@ from pipeline.data.prepared import (
     token_dtype,
     verify_prepared,
 )
+from pipeline.data.shared_tokenizer import (
+    TOKENIZER_META,
+    shared_tokenizer,
+    write_shared_record,
+)
 from pipeline.data.sources import SourceSpec, data_sources, find_source, tokenizer_folder
+from pipeline.data.staging import Staging, clear_stale_work, keep_only_logs, write_json
 from pipeline.data.tokenizer import (
     Tokenizer,
     open_tokenizer,
@@ -104,9 +101,6 @@ __all__ = [
     "token_dtype",
     "verify_prepared",
 ]
-
-TOKENIZER_META = "tokenizer_meta.json"
-"""A mixture's shared tokenizer folder: which tokenizer, and what it learned from."""
 
 
 @dataclass(frozen=True)
@@ -364,86 +358,8 @@ def _encode(
         tokenizer_sample=sample,
         task_bytes=data.task_bytes,
     )
-    _write_json(folder / META_FILE, meta.model_dump_json(indent=2))
+    write_json(folder / META_FILE, meta.model_dump_json(indent=2))
     return meta
-
-
-def _write_json(path: Path, text: str) -> None:
-    with path.open("w", encoding="utf-8") as handle:
-        handle.write(text + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-# --------------------------------------------------------------------------- folders
-
-
-class _Staging:
-    """A temporary sibling of `target` that becomes `target` on success."""
-
-    def __init__(self, target: Path, marker: str = META_FILE) -> None:
-        self.target = target.absolute()
-        if self.target.is_symlink():  # write where the link points (e.g. a bigger disk)
-            self.target = self.target.resolve()
-        check_target(self.target, marker)
-
-    def __enter__(self) -> Path:
-        self.target.parent.mkdir(parents=True, exist_ok=True)
-        recover_stale_siblings(self.target)
-        name = f".{self.target.name}.tmp-{os.getpid()}-"
-        self.folder = Path(tempfile.mkdtemp(prefix=name, dir=self.target.parent))
-        self.folder.chmod(0o755)  # mkdtemp makes it private; the outputs are ordinary data
-        return self.folder
-
-    def commit(self) -> None:
-        swap_into_place(self.folder, self.target)
-
-    def __exit__(self, *exc: object) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)  # gone already after a commit
-
-
-def _tokenizer_settings(data: DataConfig, seed: int) -> dict[str, object]:
-    """What a shared tokenizer depends on: a source prepared with it must agree on all."""
-    if data.tokenizer != "bpe":
-        return {"kind": data.tokenizer}
-    return {
-        "kind": data.tokenizer,
-        "vocab_size": data.vocab_size,
-        "seed": seed,
-        "val_fraction": data.val_fraction,
-        "tokenizer_sample_bytes": data.tokenizer_sample_bytes,
-        "tokenizer_sources": data.tokenizer_sources,
-    }
-
-
-def _shared_tokenizer(data: DataConfig, seed: int) -> tuple[Tokenizer, SampleMeta | None]:
-    """A mixture's tokenizer, built earlier by `--tokenizer_only`, checked to fit the config."""
-    folder = tokenizer_folder(data)
-    meta_file = folder / TOKENIZER_META
-    if not meta_file.is_file():
-        raise DataError(
-            f"{folder}: no shared tokenizer; run `gpt3 prepare --tokenizer_only` (the DVC stage "
-            "`tokenizer`) before preparing single sources"
-        )
-    record = json.loads(meta_file.read_text())
-    if record.get("kind") != data.tokenizer:
-        raise DataError(
-            f"{folder}: holds a {record.get('kind')} tokenizer but data.tokenizer is "
-            f"{data.tokenizer}; run `gpt3 prepare --tokenizer_only` again"
-        )
-    built, wanted = record.get("settings") or {}, _tokenizer_settings(data, seed)
-    changed = sorted(key for key in wanted if built.get(key) != wanted[key])
-    if changed:
-        was = ", ".join(f"{key} {built.get(key)!r}" for key in changed)
-        raise DataError(
-            f"{folder}: the shared tokenizer was built with {was}, not this config's; run "
-            "`gpt3 prepare --tokenizer_only` (the DVC stage `tokenizer`) again"
-        )
-    tokenizer = open_tokenizer(record["kind"], folder)
-    if file_sha256(tokenizer.file) != record.get("sha256"):
-        raise DataError(f"{tokenizer.file}: differs from {meta_file}; prepare the tokenizer again")
-    sample = record.get("sample")
-    return tokenizer, SampleMeta(**sample) if sample else None
 
 
 # --------------------------------------------------------------------------- the stage
@@ -476,7 +392,7 @@ def prepare_data(
             else:
                 summaries = _prepare_mixture(config, work_root, progress, tokenizer_only, pool)
     except BaseException:
-        _keep_only_logs(work_root)  # what a failed task's message points at
+        keep_only_logs(work_root)  # what a failed task's message points at
         raise
     shutil.rmtree(work_root, ignore_errors=True)
     if Path(data.work_dir).is_dir() and not any(Path(data.work_dir).iterdir()):
@@ -484,35 +400,11 @@ def prepare_data(
     return summaries
 
 
-def clear_stale_work(work_dir: Path) -> None:
-    """Delete what killed prepares on this machine left in `work_dir` (their key files and
-    tokenizer samples); runs of other machines sharing the folder are left alone."""
-    pattern = re.compile(rf"^run-{re.escape(socket.gethostname())}-(\d+)$")
-    for item in sorted(work_dir.iterdir()) if work_dir.is_dir() else []:
-        found = pattern.match(item.name)
-        if found and not pid_alive(int(found.group(1))):
-            shutil.rmtree(item, ignore_errors=True)
-
-
-def _keep_only_logs(work_root: Path) -> None:
-    """After a failure: delete the scratch data, keep executor logs (if any) for the user."""
-    for source in work_root.iterdir() if work_root.is_dir() else []:
-        for item in source.iterdir():
-            if item.name != "logs":
-                shutil.rmtree(item, ignore_errors=True)
-        if not any(source.iterdir()):
-            source.rmdir()
-    if work_root.is_dir() and not any(work_root.iterdir()):
-        work_root.rmdir()
-        if not any(work_root.parent.iterdir()):
-            work_root.parent.rmdir()
-
-
 def _prepare_single(
     config: Config, spec: SourceSpec, work_root: Path, progress: bool, pool: LocalPool
 ) -> PrepareSummary:
     started = time.perf_counter()
-    staging = _Staging(spec.folder)
+    staging = Staging(spec.folder)
     scanned = _scan(config, spec, work_root, progress, pool)
     with staging as folder:
         tokenizer, sample = _build_tokenizer(config, [scanned], folder, progress, pool)
@@ -526,8 +418,8 @@ def _prepare_mixture(
 ) -> list[PrepareSummary]:
     data = config.data
     specs = data_sources(data)
-    stagings = [] if tokenizer_only else [_Staging(spec.folder) for spec in specs]
-    tokenizer_staging = _Staging(tokenizer_folder(data), TOKENIZER_META)
+    stagings = [] if tokenizer_only else [Staging(spec.folder) for spec in specs]
+    tokenizer_staging = Staging(tokenizer_folder(data), TOKENIZER_META)
     learn_from = data.tokenizer_sources or [spec.name for spec in specs]
     if data.tokenizer != "bpe":
         learn_from = []  # a fixed vocabulary learns from nothing
@@ -536,22 +428,11 @@ def _prepare_mixture(
     with tokenizer_staging as folder:
         teachers = [source for source in scanned if source.spec.name in learn_from]
         tokenizer, sample = _build_tokenizer(config, teachers, folder, progress, pool)
-        record = {
-            "kind": tokenizer.kind,
-            "file": tokenizer.file.name,
-            "sha256": file_sha256(tokenizer.file),
-            "vocab_size": tokenizer.vocab_size,
-            "eot_id": tokenizer.eot_id,
-            "seed": config.seed,
-            "sources": learn_from,
-            "settings": _tokenizer_settings(data, config.seed),
-            "sample": sample.model_dump() if sample else None,
-        }
-        _write_json(folder / TOKENIZER_META, json.dumps(record, indent=2))
+        write_shared_record(folder, tokenizer, config, learn_from, sample)
         tokenizer_staging.commit()
     if tokenizer_only:
         return []
-    shared, sample = _shared_tokenizer(data, config.seed)
+    shared, sample = shared_tokenizer(data, config.seed)
     summaries = []
     for source, staging in zip(scanned, stagings, strict=True):
         started = time.perf_counter()
@@ -565,8 +446,8 @@ def _prepare_one_of_mixture(
     config: Config, spec: SourceSpec, work_root: Path, progress: bool, pool: LocalPool
 ) -> PrepareSummary:
     started = time.perf_counter()
-    staging = _Staging(spec.folder)
-    shared, sample = _shared_tokenizer(config.data, config.seed)
+    staging = Staging(spec.folder)
+    shared, sample = shared_tokenizer(config.data, config.seed)
     scanned = _scan(config, spec, work_root, progress, pool)
     return _encode_into(config, scanned, shared, sample, staging, progress, started, pool)
 
@@ -576,7 +457,7 @@ def _encode_into(
     source: ScannedSource,
     shared: Tokenizer,
     sample: SampleMeta | None,
-    staging: _Staging,
+    staging: Staging,
     progress: bool,
     started: float,
     pool: LocalPool,
