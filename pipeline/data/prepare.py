@@ -32,14 +32,14 @@ import shutil
 import socket
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
 from pipeline.config.schema import Config
-from pipeline.data.doc_keys import KeyChunk, iter_positions, smallest_within, val_count
+from pipeline.data.doc_keys import KeyChunk, chosen, iter_positions, smallest_within, val_count
 from pipeline.data.executors import LocalPool, run_phase
 from pipeline.data.inputs import InputFile, Task, plan_tasks, source_inputs
 from pipeline.data.phases import (
@@ -123,8 +123,6 @@ class ScannedSource:
 
     def chunks(self, weights: str, offset: int = 0) -> Iterator[KeyChunk]:
         """Key chunks per task: weight 1 per document (`count`) or train bytes (`train_bytes`)."""
-        from pipeline.data.doc_keys import chosen
-
         for rank, start in enumerate(self.cuts.positions):
             keys = read_keys(self.work_dir, rank)
             positions = np.arange(len(keys), dtype=np.uint64) + np.uint64(start)
@@ -189,20 +187,7 @@ def _scan(
         Cuts(positions, (0, -1), None),
     )
     cut = smallest_within(lambda: scanned.chunks("count"), val_count(total, data.val_fraction))
-    return _with_cuts(scanned, Cuts(positions, cut, None))
-
-
-def _with_cuts(scanned: ScannedSource, cuts: Cuts) -> ScannedSource:
-    return ScannedSource(
-        scanned.spec,
-        scanned.inputs,
-        scanned.tasks,
-        scanned.work_dir,
-        scanned.counts,
-        scanned.empty,
-        scanned.input_sha256,
-        cuts,
-    )
+    return replace(scanned, cuts=Cuts(positions, cut, None))
 
 
 SOURCE_OFFSET_BITS = 48
@@ -226,7 +211,7 @@ def _build_tokenizer(
     sampled = []
     for index, source in enumerate(scanned):
         cuts = Cuts(source.cuts.positions, source.cuts.val, cut, index << SOURCE_OFFSET_BITS)
-        source = _with_cuts(source, cuts)
+        source = replace(source, cuts=cuts)
         job = _job(source, config, "sample")
         with _bar(len(source.tasks), f"sample {source.spec.name}", progress) as bar:
             run_phase(job, data, config.slurm, lambda _: bar.update(), pool)
