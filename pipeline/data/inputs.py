@@ -108,8 +108,12 @@ def _size(path: Path) -> int:
     return path.stat().st_size
 
 
-def source_inputs(source: SourceSpec) -> list[InputFile]:
-    """The source's inputs in order, checked to exist and be of a known type."""
+def check_kind_and_inputs(source: SourceSpec) -> None:
+    """A source's kind agrees with whether it names inputs.
+
+    Cheap and file-free, so prepare runs it before looking at any output folder: a
+    settings mistake is reported as one, not as whatever the folder check finds first.
+    """
     single = source.folder.name != source.name  # data.source/data.inputs, not data.sources
     if source.kind == "shakespeare" and source.inputs and single:
         raise ConfigError(
@@ -118,6 +122,12 @@ def source_inputs(source: SourceSpec) -> list[InputFile]:
         )
     if source.kind == "files" and not source.inputs and single:
         raise ConfigError("data.inputs: empty, but data.source is 'files'; give globs of files")
+
+
+def source_inputs(source: SourceSpec) -> list[InputFile]:
+    """The source's inputs in order, checked to exist and be of a known type."""
+    check_kind_and_inputs(source)
+    single = source.folder.name != source.name
     if source.kind == "shakespeare":
         files = shakespeare_files()
         root: Path | None = files[0].parent.parent.resolve()

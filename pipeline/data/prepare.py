@@ -41,7 +41,7 @@ from tqdm import tqdm
 from pipeline.config.schema import Config
 from pipeline.data.doc_keys import KeyChunk, chosen, iter_positions, smallest_within, val_count
 from pipeline.data.executors import LocalPool, run_phase
-from pipeline.data.inputs import InputFile, Task, plan_tasks, source_inputs
+from pipeline.data.inputs import InputFile, Task, check_kind_and_inputs, plan_tasks, source_inputs
 from pipeline.data.phases import (
     SAMPLE_PIECE_CHARS,
     Cuts,
@@ -326,6 +326,8 @@ def prepare_data(
     data = config.data
     work_root = Path(data.work_dir) / f"run-{socket.gethostname()}-{os.getpid()}"
     tokenizer_kind(data.tokenizer).plan(data)  # settings and files checked before any work
+    for spec in data_sources(data):
+        check_kind_and_inputs(spec)
     clear_stale_work(Path(data.work_dir))
     try:
         with LocalPool(data.num_workers) as pool:
