@@ -13,7 +13,7 @@ import torch
 from conftest import tiny_overrides
 
 from pipeline.checkpoint import CheckpointManager
-from pipeline.checkpoint_async import AsyncCheckpointWriter, HostSnapshot, tensor_bytes
+from pipeline.checkpoint.async_writer import AsyncCheckpointWriter, HostSnapshot, tensor_bytes
 from pipeline.config.loader import load_config
 from pipeline.errors import CheckpointError
 from pipeline.training.run import train

@@ -21,8 +21,8 @@ import torch
 from conftest import REPO_ROOT, tiny_overrides
 from test_deepspeed import ZERO2, _plain_env, _sets
 
-from pipeline.distributed.deepspeed_checkpoint import MANIFEST, inspect_tag_dir, verify_tag_dir
-from pipeline.distributed.deepspeed_safe_load import SafeCheckpointEngine, allowed_globals
+from pipeline.checkpoint.deepspeed_safe_load import SafeCheckpointEngine, allowed_globals
+from pipeline.checkpoint.deepspeed_store import MANIFEST, inspect_tag_dir, verify_tag_dir
 from pipeline.errors import CheckpointError
 
 STEPS = {"training.max_steps": 2, "training.checkpoint_interval": 2, "training.eval_interval": 2}

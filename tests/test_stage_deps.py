@@ -172,7 +172,7 @@ def test_the_closure_follows_lazy_and_registry_imports() -> None:
     closure = import_closure(REPO_ROOT, Path("stages/train.py"))
     for module in (
         "pipeline/cli/train.py",
-        "pipeline/checkpoint_async.py",
+        "pipeline/checkpoint/async_writer.py",
         "pipeline/chunked_loss.py",
         "pipeline/distributed/deepspeed_engine.py",  # only as "pipeline...:DeepSpeedStrategy"
         "pipeline/data/__init__.py",

@@ -23,7 +23,7 @@ def leftovers(checkpoint_dir: Path) -> set[str]:
         list_step_files,
         read_checksums,
     )
-    from pipeline.checkpoint_io import TEMP_RE
+    from pipeline.checkpoint.files import TEMP_RE
 
     if not checkpoint_dir.is_dir():
         return set()

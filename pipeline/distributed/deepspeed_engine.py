@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from pipeline.checkpoint import deepspeed_safe_load
+from pipeline.checkpoint.deepspeed_store import DeepSpeedCheckpoints, inspect_tag_dir
 from pipeline.config.schema import Config
-from pipeline.distributed import deepspeed_safe_load
 from pipeline.distributed.comm import Collective
-from pipeline.distributed.deepspeed_checkpoint import DeepSpeedCheckpoints, inspect_tag_dir
 from pipeline.distributed.deepspeed_config import read_deepspeed_json, resolve_deepspeed_config
 from pipeline.distributed.strategy import SingleDevice, restore_rank_rng, seed_rank
 from pipeline.errors import ConfigError

@@ -29,7 +29,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.checkpoint import CheckpointManager
-from pipeline.checkpoint_async import AsyncCheckpointWriter
+from pipeline.checkpoint.async_writer import AsyncCheckpointWriter
 from pipeline.config.schema import Config
 from pipeline.distributed.comm import Collective
 from pipeline.errors import ConfigError

@@ -40,9 +40,9 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from pipeline.checkpoint import CHECKSUM_SUFFIX, LATEST_NAME, load_verified
+from pipeline.checkpoint.deepspeed_store import LATEST as DEEPSPEED_LATEST
+from pipeline.checkpoint.deepspeed_store import MANIFEST, inspect_tag_dir, is_tag_name
 from pipeline.config.schema import Config
-from pipeline.distributed.deepspeed_checkpoint import LATEST as DEEPSPEED_LATEST
-from pipeline.distributed.deepspeed_checkpoint import MANIFEST, inspect_tag_dir, is_tag_name
 from pipeline.errors import CheckpointError
 from pipeline.tracking.checkpoint_uploads import ARTIFACT_DIR
 from pipeline.tracking.mlflow_setup import resolve_tracking_uri

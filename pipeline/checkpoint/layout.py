@@ -18,7 +18,7 @@ Why this shape:
   `latest` carries its own checksum file instead of relying on being the same inode as a step
   file). Where hard links are unsupported it falls back to a copy, with a warning.
 
-How files get there safely is `pipeline.checkpoint_manager`'s job; `pipeline.checkpoint` is the
+How files get there safely is `pipeline.checkpoint.manager`'s job; `pipeline.checkpoint` is the
 public face of both.
 """
 

@@ -31,8 +31,8 @@ from typing import Any
 
 import torch
 
-from pipeline.checkpoint_format import check_state
-from pipeline.checkpoint_manager import CheckpointManager
+from pipeline.checkpoint.layout import check_state
+from pipeline.checkpoint.manager import CheckpointManager
 
 logger = logging.getLogger("pipeline.checkpoint")
 

@@ -3,7 +3,7 @@
 Owned temporary names (`.name.<pid>@<host>.tmp`) and whether their writer still lives,
 exclusive creation, a writer that hashes as it writes, directory fsync, and turning an OSError
 into a `CheckpointError` that says whether the disk is full. The order in which
-`CheckpointManager` combines them is in `pipeline.checkpoint_manager`'s docstring.
+`CheckpointManager` combines them is in `pipeline.checkpoint.manager`'s docstring.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 from typing import IO
 
-from pipeline.checkpoint_format import LATEST_NAME
+from pipeline.checkpoint.layout import LATEST_NAME
 from pipeline.errors import CheckpointError
 
 TEMP_RE = re.compile(r"^\.(?P<target>.+)\.(?P<pid>\d+)@(?P<host>[^@/]+)\.tmp$")

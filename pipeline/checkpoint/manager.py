@@ -1,6 +1,6 @@
 """Save checkpoints atomically with their checksums, keep the newest few, clean up after kills.
 
-The files it writes are described in `pipeline.checkpoint_format`. How they are written:
+The files it writes are described in `pipeline.checkpoint.layout`. How they are written:
 - No file is ever modified in place. Every file is written under a temporary name in the same
   directory, flushed and fsynced, then `os.replace`d over its final name. That keeps a kill at
   any moment harmless and never writes through a DVC cache link (DVC's hardlink/symlink cache
@@ -35,7 +35,17 @@ from typing import Any
 
 import torch
 
-from pipeline.checkpoint_format import (
+from pipeline.checkpoint.files import (
+    DISK_FULL_ERRNOS,
+    TEMP_RE,
+    HashingWriter,
+    create_new,
+    fsync_directory,
+    temp_path,
+    write_error,
+    writer_alive,
+)
+from pipeline.checkpoint.layout import (
     CHECKSUM_SUFFIX,
     LATEST_NAME,
     MapLocation,
@@ -49,16 +59,6 @@ from pipeline.checkpoint_format import (
     read_checksums,
     step_filename,
 )
-from pipeline.checkpoint_io import (
-    DISK_FULL_ERRNOS,
-    TEMP_RE,
-    HashingWriter,
-    create_new,
-    fsync_directory,
-    temp_path,
-    write_error,
-    writer_alive,
-)
 from pipeline.errors import CheckpointError
 from pipeline.hashing import file_sha256
 
@@ -71,7 +71,7 @@ class CheckpointManager:
     """Saves `step_XXXXXXX.pt` checkpoints atomically with checksums, keeps the newest `keep`.
 
     One writer per directory (the run lock sees to that); any number of readers. Holds no
-    open files between calls. The layout is in `pipeline.checkpoint_format`'s docstring, the
+    open files between calls. The layout is in `pipeline.checkpoint.layout`'s docstring, the
     write order in this module's.
     """
 

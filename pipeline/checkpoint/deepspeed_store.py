@@ -22,7 +22,7 @@ position, every rank's RNG, config) is DeepSpeed client state under the key `tra
 read back weights-only and memory-mapped to check a checkpoint without touching its weights.
 No file is handed to DeepSpeed's unpickler before rank 0 has read every file of the folder
 weights-only (`inspect_tag_dir`), and DeepSpeed's own loads go through the same safe reader
-(`pipeline.distributed.deepspeed_safe_load`). Checkpoints must be on a filesystem every rank
+(`pipeline.checkpoint.deepspeed_safe_load`). Checkpoints must be on a filesystem every rank
 sees (as DeepSpeed's own).
 """
 
@@ -38,10 +38,10 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from pipeline.checkpoint import CorruptCheckpointError, step_filename
-from pipeline.checkpoint_io import fsync_directory
+from pipeline.checkpoint.deepspeed_safe_load import safe_load, scan_files
+from pipeline.checkpoint.files import fsync_directory
+from pipeline.checkpoint.layout import CorruptCheckpointError, step_filename
 from pipeline.distributed.comm import Collective
-from pipeline.distributed.deepspeed_safe_load import safe_load, scan_files
 from pipeline.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
