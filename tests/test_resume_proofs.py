@@ -37,7 +37,7 @@ from mlflow_support import poll
 from pipeline.checkpoint import CheckpointManager
 from pipeline.config.loader import load_config
 from pipeline.config.schema import Config
-from pipeline.distributed.strategy import SingleDevice
+from pipeline.distributed.data_parallel import SingleDevice
 from pipeline.training.data_ledger import LEDGER_FILE, read_ledger
 from pipeline.training.trainer import Trainer
 

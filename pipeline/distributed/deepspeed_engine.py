@@ -15,7 +15,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -23,15 +23,12 @@ from pipeline.checkpoint import deepspeed_safe_load
 from pipeline.checkpoint.deepspeed_store import DeepSpeedCheckpoints, inspect_tag_dir
 from pipeline.config.schema import Config
 from pipeline.distributed.comm import Collective
+from pipeline.distributed.data_parallel import CollectiveStrategy, seed_rank
 from pipeline.distributed.deepspeed_config import read_deepspeed_json, resolve_deepspeed_config
-from pipeline.distributed.strategy import SingleDevice, restore_rank_rng, seed_rank
+from pipeline.distributed.strategy import CompatibilityCheck, StepResult, Wrapped
 from pipeline.errors import ConfigError
 from pipeline.model import GPT
 from pipeline.training.components import with_attention_backend
-
-if TYPE_CHECKING:
-    from pipeline.training.components import TrainingComponents
-    from pipeline.training.trainer import Trainer
 
 logger = logging.getLogger("pipeline.train")
 
@@ -60,44 +57,49 @@ class EnginePrecision:
         """The loss scaler is part of DeepSpeed's own checkpoint."""
 
 
-class DeepSpeedStrategy(SingleDevice):
+class DeepSpeedStrategy(CollectiveStrategy):
     """ZeRO data parallelism through a DeepSpeed engine."""
 
     name = "deepspeed"
 
-    def __init__(self, comm: Collective | None = None, config: Config | None = None) -> None:
-        super().__init__(comm, config)
+    def __init__(self, comm: Collective | None = None, *, config: Config) -> None:
+        super().__init__(comm, config=config)
         self.engine: Any = None
         self.store: DeepSpeedCheckpoints | None = None
         self.ds_config: dict[str, Any] = {}
 
-    def prepare(self, parts: TrainingComponents, config: Config) -> None:
+    def wrap(self, model: GPT, optimizer: torch.optim.Optimizer, precision: Any) -> Wrapped:
+        """`deepspeed.initialize` around the model; the engine's optimizer and precision."""
         import deepspeed
 
+        config = self.config
         t = config.training
         if t.compile:
             raise ConfigError("training.compile is not supported with DeepSpeed here; drop it")
         path = config.distributed.deepspeed_config
         assert path is not None, "choose_strategy guarantees a DeepSpeed config"
+        cuda = next(model.parameters()).device.type == "cuda"
         self.ds_config = resolve_deepspeed_config(
-            read_deepspeed_json(path), config, self.world_size, path, parts.device.type == "cuda"
+            read_deepspeed_json(path), config, self.world_size, path, cuda
         )
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # the trainer reports progress
         seed_rank(config.seed, self.rank)
         own_optimizer = "optimizer" in self.ds_config
         self.engine, _, _, _ = deepspeed.initialize(
-            model=parts.model,
-            optimizer=None if own_optimizer else parts.optimizer,
-            model_parameters=parts.model.param_groups(t.weight_decay) if own_optimizer else None,
+            model=model,
+            optimizer=None if own_optimizer else optimizer,
+            model_parameters=model.param_groups(t.weight_decay) if own_optimizer else None,
             config=self.ds_config,
         )
         deepspeed_safe_load.install(self.engine)  # no pickled code runs on resume
-        parts.forward = with_attention_backend(self.engine, config.training.attention_backend)
-        parts.optimizer = self.engine.optimizer  # param_groups: where the trainer sets the lr
-        parts.precision = EnginePrecision(self.engine, t.precision)  # type: ignore[assignment]
         if self.is_main:
             resolved = Path(config.run_dir) / "deepspeed_config.json"
             resolved.write_text(json.dumps(self.ds_config, indent=2, sort_keys=True) + "\n")
+        return Wrapped(
+            forward=with_attention_backend(self.engine, t.attention_backend),
+            optimizer=self.engine.optimizer,  # param_groups: where the trainer sets the lr
+            precision=EnginePrecision(self.engine, t.precision),
+        )
 
     def checkpoint_store(self, directory: Path, keep: int) -> DeepSpeedCheckpoints:
         self.store = DeepSpeedCheckpoints(directory, keep, self.comm)
@@ -108,53 +110,45 @@ class DeepSpeedStrategy(SingleDevice):
         self.engine.set_gradient_accumulation_boundary(last)
         return contextlib.nullcontext()
 
-    def backward(self, parts: TrainingComponents, loss: torch.Tensor) -> None:
+    def backward(self, loss: torch.Tensor) -> None:
         # The loop already divided by its accumulation steps (which the batch ramp varies).
         self.engine.backward(loss, scale_wrt_gas=False)
 
-    def step(self, trainer: Trainer) -> float:
-        """Clip and update through the engine; a step it skipped is counted like the loop's."""
+    def step(self) -> StepResult:
+        """Clip and update through the engine. A step the engine skipped is an fp16 overflow
+        (its loss scaler) or, in bf16/fp32, a non-finite gradient for the trainer's policy."""
         skipped = self.engine.skipped_steps
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
         grad_norm = float(norm) if norm is not None else math.nan
-        if self.engine.skipped_steps > skipped:
-            if trainer.config.training.precision == "fp16":
-                trainer.progress.skipped_steps += 1
-                logger.warning(
-                    "step %d: fp16 gradient overflow, update skipped, loss scale now %g",
-                    trainer.progress.step,
-                    trainer.parts.precision.loss_scale(),
-                )
-            else:
-                trainer._handle_nonfinite(grad_norm)
-        return grad_norm
+        if self.engine.skipped_steps == skipped:
+            return StepResult(grad_norm, applied=True)
+        return StepResult(
+            grad_norm, applied=False, overflow=self.config.training.precision == "fp16"
+        )
 
-    def save(self, trainer: Trainer) -> Path:
-        assert self.store is not None
-        state = trainer.loop_state_dict()
-        state["rng_ranks"] = self.comm.all_gather_object(state["rng"])
-        return self.store.save(self.engine, state, trainer.progress.step)
+    def save(self, loop_state: dict[str, Any], step: int) -> Path:
+        assert self.store is not None, "checkpoint_store() first"
+        return self.store.save(self.engine, self.with_rank_rng(loop_state, always=True), step)
 
-    def load(self, trainer: Trainer, which: str | Path) -> Path:
+    def prepare_checkpoint_buffers(self, loop_state: dict[str, Any]) -> None:
+        """DeepSpeed writes its checkpoints itself, synchronously."""
+
+    def flush_checkpoints(self, collective: bool = True) -> None:
+        """Nothing is written in the background."""
+
+    def load(self, which: str | Path, check: CompatibilityCheck) -> tuple[dict[str, Any], Path]:
         """Rank 0 picks and checks the checkpoint (shape, tokenizer) before any rank loads it."""
-        from pipeline.training.trainer import check_compatible
-
         store = self.store
-        assert store is not None
-        parts = trainer.parts
+        assert store is not None, "checkpoint_store() first"
 
         def choose() -> Path:
             tag_dir = store.resolve(which)
-            state = inspect_tag_dir(tag_dir)  # every file read weights-only, on rank 0 first
-            check_compatible(state, trainer.config, parts.vocab_size, parts.tokenizer_id, tag_dir)
+            check(inspect_tag_dir(tag_dir), tag_dir)  # every file read weights-only, rank 0 first
             return tag_dir
 
         tag_dir = self.main_only(choose)
-        state = store.restore(self.engine, tag_dir)
-        trainer.load_loop_state(state, tag_dir)
-        restore_rank_rng(state, self.rank, self.world_size)
-        return tag_dir
+        return store.restore(self.engine, tag_dir), tag_dir
 
     def close(self) -> None:
         """Unhook the engine (hooks, buffers) while its process groups still exist."""
@@ -162,7 +156,7 @@ class DeepSpeedStrategy(SingleDevice):
             self.engine.destroy()
             self.engine = None
 
-    def export_model(self, parts: TrainingComponents) -> GPT | None:
+    def export_model(self, model: GPT) -> GPT | None:
         """The fp32 master weights gathered from the ZeRO partitions into a plain model on rank 0.
 
         Every rank takes part (each gather is a collective); in bf16/fp16 the engine's module
@@ -171,7 +165,7 @@ class DeepSpeedStrategy(SingleDevice):
         from deepspeed.utils import safe_get_full_fp32_param
 
         full: dict[str, torch.Tensor] = {}
-        for name, param in parts.model.named_parameters():
+        for name, param in model.named_parameters():
             value = safe_get_full_fp32_param(param)
             if value is None:
                 if param.dtype != torch.float32:
@@ -181,9 +175,9 @@ class DeepSpeedStrategy(SingleDevice):
                 full[name] = value.detach().float().cpu()
         if not self.is_main:
             return None
-        model = GPT(parts.model.config, parts.vocab_size)
-        missing, unexpected = model.load_state_dict(full, strict=False)
+        plain = GPT(model.config, model.vocab_size)
+        missing, unexpected = plain.load_state_dict(full, strict=False)
         if unexpected or set(missing) - {"lm_head.weight"}:
             raise RuntimeError(f"export mismatch: missing {missing}, unexpected {unexpected}")
-        model.tie_weights()
-        return model
+        plain.tie_weights()
+        return plain

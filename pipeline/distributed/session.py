@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from pipeline.config.schema import Config
 from pipeline.distributed.comm import Collective
+from pipeline.distributed.data_parallel import SingleDevice
 from pipeline.distributed.environment import (
     DistEnv,
     LaunchFlags,
@@ -29,7 +30,7 @@ from pipeline.distributed.environment import (
     uses_cuda,
 )
 from pipeline.distributed.launch import Relaunch, plan_relaunch
-from pipeline.distributed.strategy import SingleDevice, build_strategy, choose_strategy
+from pipeline.distributed.strategy import Strategy, build_strategy, choose_strategy
 from pipeline.training.batching import global_batch_sequences, plan_batch
 
 
@@ -64,10 +65,10 @@ def plan_launch(config: Config, flags: LaunchFlags, argv: Sequence[str]) -> Laun
 
 
 @contextlib.contextmanager
-def training_strategy(config: Config, plan: LaunchPlan) -> Iterator[SingleDevice]:
+def training_strategy(config: Config, plan: LaunchPlan) -> Iterator[Strategy]:
     """The chosen strategy, inside the job's process group when it needs one."""
     if plan.strategy == "single":
-        yield SingleDevice(Collective(), config)
+        yield SingleDevice(Collective(), config=config)
         return
     with process_group(plan.env, resolve_backend(config), uses_cuda(config)) as comm:
         strategy = build_strategy(plan.strategy, comm, config)

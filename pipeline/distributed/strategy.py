@@ -1,224 +1,189 @@
-"""How the plain model is wrapped, stepped and checkpointed: one small class per strategy.
+"""The one interface every parallelism implements, and the registry that picks one by name.
 
-The trainer calls the same hooks whatever runs underneath:
+A strategy wraps the plain model from outside and does the parts of a step that differ between
+layouts; the trainer owns everything else (data, micro-batch loop, learning rate, counters,
+non-finite policy, logging) and never looks inside a strategy. No strategy receives or imports
+the trainer: it is built from a `Collective` and the resolved `Config`, gets the model,
+optimizer and precision once in `wrap`, and answers with values (`Wrapped`, `StepResult`,
+checkpoint states).
 
-    prepare(parts, config)       wrap the model (DDP, a DeepSpeed engine) into `parts.forward`
-    micro_step(last)             context for one micro-batch; gradients sync only on the last
-    backward(parts, loss)        loss -> gradients (scaled for fp16 where the strategy owns it)
-    step(trainer) -> grad norm   clip and update once per global batch
-    save(trainer) / load(trainer, which) / flush_checkpoints()
-    export_model(parts)          the full fp32 model on rank 0 (None elsewhere)
+The protocol (`Strategy`), in the order the trainer calls it:
 
-`single` and `ddp` share the trainer's own clipping/loss scaling and its single-file checkpoints
-(written by rank 0; each rank's RNG state is gathered into them); `deepspeed` hands stepping,
-precision and sharded checkpoints to the DeepSpeed engine. Strategies are chosen by name from
-`STRATEGIES`, never by a chain of ifs in the loop.
+    wrap(model, optimizer, precision) -> Wrapped
+        Once, before training: shard/replicate/compile the model and return what the loop uses:
+        `forward(inputs, targets) -> (logits, loss)`, the optimizer whose `param_groups` the loop
+        sets the learning rate in, and the precision whose `autocast()` wraps the forward and
+        whose `loss_scale()` is logged. A strategy may return a precision of its own (DeepSpeed:
+        the engine's; FSDP2 in fp16: a `MixedPrecision` over a sharded grad scaler).
+    micro_step(last) -> context manager
+        Around one micro-batch's forward and backward; gradients sync only when `last`.
+    backward(loss)
+        Loss (already divided by the accumulation steps) -> gradients, scaled where the
+        strategy's precision scales.
+    step() -> StepResult(grad_norm, applied, overflow)
+        Once per global batch: unscale, clip at `training.grad_clip`, update unless the norm is
+        not finite, zero the gradients. It decides nothing about policy: a non-finite norm is
+        reported (`applied=False, overflow=False`) and the trainer skips, rolls back or aborts;
+        an fp16 overflow the loss scaler absorbed is reported as `overflow=True`. The grad norm is
+        the global one (after the all-reduce / over all shards), so every rank decides alike.
+    reduce_mean(tensor), any_rank(flag), main_only(fn), run_lock(directory)
+        The collectives the loop needs (see `pipeline.distributed.comm`).
+    checkpoint_store(directory, keep) -> store
+        The store the run's checkpoints live in. The trainer only lists it
+        (`list_checkpoints()`, `path_for(step)`, `directory`) to resolve `auto` and rollbacks.
+    save(loop_state, step) -> Path
+        `loop_state` is the trainer's named states that are not the model's (sampler, progress,
+        RNG, config, data, tracking: `Trainer.loop_state_dict()`); the strategy adds its own
+        (model, optimizer, scaler, every rank's RNG as `rng_ranks`) in whatever form its layout
+        needs (full tensors in one file; ZeRO partitions; DTensor shards through DCP) and writes
+        them through its store. It may return before the bytes are on disk (async).
+    load(which, check) -> (loop_state, path)
+        Resolve `which` (`latest`, a step path), call `check(state, path)` (the trainer's
+        compatibility check: model shape, tokenizer) before restoring anything, restore model,
+        optimizer and scaler in place, and return the checkpoint's loop state and where it came
+        from. The trainer restores the loop state (and this rank's RNG from `rng_ranks`) itself.
+    prepare_checkpoint_buffers(loop_state)
+        After the first step: allocate what an async save needs, so the first save stalls less.
+    flush_checkpoints(collective=True)
+        Return once every save is on disk (a background write's error is raised here).
+    export_model(model) -> GPT | None
+        The full fp32 model on rank 0 (None elsewhere); collective where state is sharded.
+    close()
+        Release engines and hooks before the process group goes away.
+
+Every strategy also has `name` (its registry name: the MLflow tag `distributed.strategy`),
+`rank`, `world_size` and `is_main`. Constructors take `(comm, *, config)`.
+
+How a sharded strategy fits (FSDP2 / tensor parallel): `wrap` applies `fully_shard` /
+`parallelize_module` to `model` in place and returns it as `forward`, with the optimizer built
+over the sharded parameters and `MixedPrecision(..., scaler=ShardedGradScaler(...))` for fp16;
+`step` is `precision.unscale_clip_step(optimizer, max_norm, clip=...)` (the default clip works
+on DTensor gradients and returns the global norm); `save`/`load` go through a DCP store with
+`get_state_dict`/`set_state_dict`. The trainer does not change.
+
+Strategies are chosen by name from `STRATEGIES` ("module:class" strings, imported on use:
+DeepSpeed takes seconds to import), never by a chain of ifs in the loop.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib
-import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
-import numpy as np
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
-from pipeline.checkpoint import CheckpointManager
-from pipeline.checkpoint.async_writer import AsyncCheckpointWriter
 from pipeline.config.schema import Config
-from pipeline.distributed.comm import Collective
 from pipeline.errors import ConfigError
-from pipeline.model import GPT
-from pipeline.rng import restore_rng_state
-from pipeline.run_lock import RunLock
-from pipeline.training.components import with_attention_backend
+from pipeline.training.precision import StepResult
 
-if TYPE_CHECKING:
-    from pipeline.training.components import TrainingComponents
-    from pipeline.training.trainer import Trainer
+if TYPE_CHECKING:  # types only: the model module imports nothing from here
+    from pipeline.distributed.comm import Collective
+    from pipeline.model import GPT
 
-logger = logging.getLogger("pipeline.train")
 T = TypeVar("T")
 
+__all__ = [
+    "STRATEGIES",
+    "CheckpointListing",
+    "CompatibilityCheck",
+    "Precision",
+    "StepResult",
+    "Strategy",
+    "Wrapped",
+    "build_strategy",
+    "choose_strategy",
+]
 
-class SingleDevice:
-    """One process on one device: the trainer's own step and single-file checkpoints."""
 
-    name = "single"
+class Precision(Protocol):
+    """What the loop asks of a precision (`pipeline.training.precision.MixedPrecision`)."""
 
-    def __init__(self, comm: Collective | None = None, config: Config | None = None) -> None:
-        self.comm = comm or Collective()
-        self.config = config
-        self.writer: AsyncCheckpointWriter | None = None
-        """Background checkpoint writer (rank 0) when training.async_checkpoint is on."""
+    name: str
+
+    def autocast(self) -> contextlib.AbstractContextManager: ...
+
+    def loss_scale(self) -> float: ...
+
+
+@dataclass
+class Wrapped:
+    """What `Strategy.wrap` hands back: the parts the training loop calls every step."""
+
+    forward: Callable[..., Any]
+    """`forward(inputs, targets) -> (logits, loss)`: the wrapped (DDP, engine, sharded,
+    compiled) model."""
+    optimizer: Any
+    """Has `param_groups` (where the loop sets the learning rate) and `zero_grad`."""
+    precision: Precision
+
+
+class CheckpointListing(Protocol):
+    """The part of a strategy's checkpoint store that the trainer reads."""
+
+    directory: Path
+
+    def list_checkpoints(self) -> list[tuple[int, Path]]: ...
+
+    def path_for(self, step: int) -> Path: ...
+
+
+CompatibilityCheck = Callable[[dict[str, Any], Path], None]
+"""`check(state, source)`: raises CheckpointError when a checkpoint does not fit this run."""
+
+
+@runtime_checkable
+class Strategy(Protocol):
+    """One parallelism layout. See the module docstring for what each method promises."""
+
+    name: str
 
     @property
-    def rank(self) -> int:
-        return self.comm.rank
+    def rank(self) -> int: ...
 
     @property
-    def world_size(self) -> int:
-        return self.comm.world_size
+    def world_size(self) -> int: ...
 
     @property
-    def is_main(self) -> bool:
-        return self.comm.is_main
+    def is_main(self) -> bool: ...
 
-    def main_only(self, fn: Callable[[], T]) -> T:
-        return self.comm.main_only(fn)
+    def main_only(self, fn: Callable[[], T]) -> T: ...
 
-    def any_rank(self, flag: bool) -> bool:
-        return self.comm.any(flag)
+    def any_rank(self, flag: bool) -> bool: ...
 
-    def mean(self, value: torch.Tensor) -> torch.Tensor:
-        return self.comm.mean(value)
+    def reduce_mean(self, value: torch.Tensor) -> torch.Tensor: ...
 
-    @contextlib.contextmanager
-    def run_lock(self, directory: Path) -> Iterator[None]:
-        """Rank 0 holds the output directory's lock for the job; a refusal ends every rank."""
-        held: list[RunLock] = []
-        self.main_only(lambda: held.append(RunLock(directory).acquire()))
-        try:
-            yield
-        finally:
-            for lock in held:
-                lock.release()
+    def run_lock(self, directory: Path) -> contextlib.AbstractContextManager: ...
 
-    def prepare(self, parts: TrainingComponents, config: Config) -> None:
-        """Nothing to wrap on one device."""
+    def wrap(self, model: GPT, optimizer: torch.optim.Optimizer, precision: Any) -> Wrapped: ...
 
-    def checkpoint_store(self, directory: Path, keep: int) -> Any:
-        manager = CheckpointManager(directory, keep=keep)
-        if self.config is not None and self.config.training.async_checkpoint and self.is_main:
-            self.writer = AsyncCheckpointWriter(manager)
-        return manager
+    def micro_step(self, last: bool) -> contextlib.AbstractContextManager: ...
 
-    def micro_step(self, last: bool) -> contextlib.AbstractContextManager:
-        return contextlib.nullcontext()
+    def backward(self, loss: torch.Tensor) -> None: ...
 
-    def backward(self, parts: TrainingComponents, loss: torch.Tensor) -> None:
-        parts.precision.scale(loss).backward()
+    def step(self) -> StepResult: ...
 
-    def step(self, trainer: Trainer) -> float:
-        return trainer._clip_and_step()
+    def checkpoint_store(self, directory: Path, keep: int) -> Any: ...
 
-    def save(self, trainer: Trainer) -> Path:
-        """Rank 0 writes one file holding every rank's RNG state (gathered, in rank order)."""
-        state = trainer.state_dict()
-        ranks = self.comm.all_gather_object(state["rng"])
-        if self.comm.distributed:
-            state["rng_ranks"] = ranks
-        step = trainer.progress.step
-        if self.writer is not None:  # snapshot to host now, write in the background
-            return self.main_only(lambda: self.writer.save(state, step))
-        return self.main_only(lambda: trainer.checkpoints.save(state, step))
+    def save(self, loop_state: dict[str, Any], step: int) -> Path: ...
 
-    def prepare_checkpoint_buffers(self, trainer: Trainer) -> None:
-        """After the first step (the optimizer state exists): allocate the host buffers of the
-        background writer ahead of the first save, so that save stalls only for the copy."""
-        if self.writer is not None and trainer.parts.device.type == "cuda":
-            self.writer.preallocate(trainer.state_dict())
+    def load(self, which: str | Path, check: CompatibilityCheck) -> tuple[dict[str, Any], Path]: ...
 
-    def flush_checkpoints(self, collective: bool = True) -> None:
-        """Wait until the checkpoint being written in the background is on disk.
+    def prepare_checkpoint_buffers(self, loop_state: dict[str, Any]) -> None: ...
 
-        Collective by default: a failed write on rank 0 ends every rank with the same error
-        (exit code 2 for a `CheckpointError`). `collective=False` only waits here, for a rank
-        that is already failing and must not block in a collective on its way out.
-        """
-        if not collective:
-            if self.writer is not None:
-                self.writer.wait()
-            return
-        self.main_only(lambda: self.writer.wait() if self.writer is not None else None)
+    def flush_checkpoints(self, collective: bool = True) -> None: ...
 
-    def load(self, trainer: Trainer, which: str | Path) -> Path:
-        """Rank 0 resolves `which` (e.g. `latest`) to one file; every rank then loads that file."""
-        self.flush_checkpoints()
-        loaded: dict[str, Any] = {}
+    def export_model(self, model: GPT) -> GPT | None: ...
 
-        def resolve() -> Path:
-            loaded["state"], path = trainer.checkpoints.load(which)
-            return path
-
-        path = self.main_only(resolve)
-        state = loaded["state"] if self.is_main else trainer.checkpoints.load(path)[0]
-        trainer.load_state_dict(state, path)
-        restore_rank_rng(state, self.rank, self.world_size)
-        return path
-
-    def export_model(self, parts: TrainingComponents) -> GPT | None:
-        return parts.model if self.is_main else None
-
-    def close(self) -> None:
-        """Release what the strategy holds before the process group goes away."""
-
-
-class DataParallel(SingleDevice):
-    """DistributedDataParallel: gradients averaged over ranks once per global batch."""
-
-    name = "ddp"
-
-    def __init__(self, comm: Collective | None = None, config: Config | None = None) -> None:
-        super().__init__(comm, config)
-        self.module: DistributedDataParallel | None = None
-
-    def prepare(self, parts: TrainingComponents, config: Config) -> None:
-        seed_rank(config.seed, self.rank)
-        device = parts.device
-        device_ids = None
-        if device.type == "cuda":
-            device_ids = [device.index if device.index is not None else torch.cuda.current_device()]
-        # gradient_as_bucket_view: gradients live in DDP's buckets, no second copy.
-        self.module = DistributedDataParallel(
-            parts.model, device_ids=device_ids, gradient_as_bucket_view=True
-        )
-        t = config.training
-        # compile_scope blocks: build_components already compiled the blocks in place.
-        whole = t.compile and t.compile_scope == "model"
-        forward = torch.compile(self.module) if whole else self.module
-        parts.forward = with_attention_backend(forward, t.attention_backend)
-
-    def micro_step(self, last: bool) -> contextlib.AbstractContextManager:
-        """All-reduce on the last micro-batch only; the others accumulate locally (no_sync)."""
-        assert self.module is not None, "prepare() first"
-        return contextlib.nullcontext() if last else self.module.no_sync()
-
-
-def seed_rank(seed: int, rank: int) -> None:
-    """Give each rank its own torch stream (dropout masks) once the identical model is built.
-
-    Without this every rank would draw the same dropout masks for different data. The stream
-    is derived from (seed, rank), so it is reproducible and independent of the world size.
-    """
-    torch.manual_seed(int(np.random.SeedSequence([seed, rank]).generate_state(1)[0]))
-
-
-def restore_rank_rng(state: dict[str, Any], rank: int, world_size: int) -> None:
-    """Restore this rank's own RNG state from a checkpoint that holds every rank's."""
-    ranks = state.get("rng_ranks")
-    if ranks is None:
-        if world_size > 1:
-            logger.warning("the checkpoint holds one RNG state; every rank restores it")
-        return
-    if len(ranks) != world_size:
-        logger.warning(
-            "the checkpoint has RNG states of %d rank(s), this run has %d: random draws "
-            "(dropout) will not match the original run",
-            len(ranks),
-            world_size,
-        )
-    restore_rng_state(ranks[rank % len(ranks)])
+    def close(self) -> None: ...
 
 
 STRATEGIES: dict[str, str] = {
-    "single": "pipeline.distributed.strategy:SingleDevice",
-    "ddp": "pipeline.distributed.strategy:DataParallel",
+    "single": "pipeline.distributed.data_parallel:SingleDevice",
+    "ddp": "pipeline.distributed.data_parallel:DataParallel",
     "deepspeed": "pipeline.distributed.deepspeed_engine:DeepSpeedStrategy",
 }
 """Strategy name -> "module:class", imported on use (DeepSpeed takes seconds to import)."""
@@ -230,8 +195,10 @@ def choose_strategy(config: Config, world_size: int) -> str:
     name = d.strategy
     if name == "auto":
         name = "deepspeed" if d.deepspeed_config else "ddp" if world_size > 1 else "single"
-    if name == "fsdp":
-        raise ConfigError("distributed.strategy fsdp is not implemented; use ddp or deepspeed")
+    if name not in STRATEGIES:
+        raise ConfigError(
+            f"distributed.strategy {name} is not implemented; use one of {sorted(STRATEGIES)}"
+        )
     if name == "deepspeed" and not d.deepspeed_config:
         raise ConfigError(
             "distributed.strategy deepspeed needs a DeepSpeed JSON: --deepspeed_config PATH"
@@ -247,8 +214,8 @@ def choose_strategy(config: Config, world_size: int) -> str:
     return name
 
 
-def build_strategy(name: str, comm: Collective, config: Config) -> SingleDevice:
+def build_strategy(name: str, comm: Collective, config: Config) -> Strategy:
     """Instantiate a strategy by its registry name."""
     module_name, attribute = STRATEGIES[name].split(":")
     cls = getattr(importlib.import_module(module_name), attribute)
-    return cls(comm, config)
+    return cls(comm, config=config)

@@ -43,7 +43,6 @@ from pipeline.tracking.run_metadata import (
     run_name,
     run_params,
     run_tags,
-    strategy_name,
     truncate,
 )
 from pipeline.tracking.system_metrics import SystemMetricsSampler
@@ -247,7 +246,8 @@ def open_mlflow_tracker(
         config.tracking,
         run_name=run_name(config),
         tags={
-            **run_tags(config, trainer.parts.data_hash, world, strategy_name(config, world)),
+            # The strategy that runs (`auto` resolved: a DeepSpeed config makes it deepspeed).
+            **run_tags(config, trainer.parts.data_hash, world, trainer.strategy.name),
             **{key: truncate(value, MAX_TAG_VALUE) for key, value in (extra_tags or {}).items()},
         },
         params=run_params(config),

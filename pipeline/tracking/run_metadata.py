@@ -177,11 +177,3 @@ def run_params(config: Config) -> dict[str, str]:
         key = re.sub(r"\.{2,}", lambda match: "_" * len(match.group()), name)  # MLflow: no ".."
         params[f"data.sources.{key}.weight"] = param_value(source.weight)
     return params
-
-
-def strategy_name(config: Config, world_size: int) -> str:
-    """The strategy that actually runs: `auto` means single device for one process, else DDP."""
-    chosen = config.distributed.strategy
-    if chosen != "auto":
-        return chosen
-    return "single" if world_size == 1 else "ddp"

@@ -26,7 +26,7 @@ from typing import Any
 from pipeline.config.output import public_values
 from pipeline.config.schema import Config
 from pipeline.errors import CheckpointError
-from pipeline.training.trainer import check_compatible, check_loop_state
+from pipeline.training.loop_state import check_compatible, check_loop_state
 
 logger = logging.getLogger("pipeline.train")
 

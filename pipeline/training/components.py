@@ -1,7 +1,8 @@
 """Build what a training run is made of, from the resolved config: nothing here trains.
 
 Kept apart from the loop so that the distributed strategies can wrap the same parts (the model
-is plain PyTorch; DDP, DeepSpeed and compilation wrap it from outside).
+is plain PyTorch; DDP, DeepSpeed and compilation wrap it from outside, in the strategy's `wrap`,
+with `compiled_forward` and `with_attention_backend` from here).
 """
 
 from __future__ import annotations
@@ -36,8 +37,7 @@ class TrainingComponents:
 
     device: torch.device
     model: GPT
-    forward: Callable[..., Any]
-    """The model's forward, compiled when training.compile is set."""
+    """The plain model; the strategy wraps (and compiles) it into the forward the loop calls."""
     optimizer: torch.optim.Optimizer
     precision: MixedPrecision
     sampler: MixtureSampler
@@ -206,7 +206,6 @@ def build_components(config: Config) -> TrainingComponents:
         eps=t.eps,
         fused=device.type == "cuda",
     )
-    forward = with_attention_backend(compiled_forward(model, t), t.attention_backend)
     batch_tokens = global_batch_sequences(t, seq) * seq
     schedule = WarmupCosine(
         peak=t.lr,
@@ -217,7 +216,6 @@ def build_components(config: Config) -> TrainingComponents:
     return TrainingComponents(
         device=device,
         model=model,
-        forward=forward,
         optimizer=optimizer,
         precision=MixedPrecision.create(t.precision, device),
         sampler=sampler,

@@ -47,7 +47,7 @@ from pipeline.errors import CheckpointError
 from pipeline.tracking.checkpoint_uploads import ARTIFACT_DIR
 from pipeline.tracking.mlflow_setup import resolve_tracking_uri
 from pipeline.tracking.run_reader import RunReader, RunUri, parse_run_uri
-from pipeline.training.trainer import check_compatible
+from pipeline.training.loop_state import check_compatible
 
 logger = logging.getLogger("pipeline.train")
 

@@ -20,63 +20,37 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from pipeline.checkpoint import CorruptCheckpointError
 from pipeline.config.schema import TrainingConfig
-from pipeline.errors import CheckpointError, UserError
-
-if TYPE_CHECKING:
-    from pipeline.training.trainer import Trainer
+from pipeline.errors import UserError
+from pipeline.training.loop_state import Progress
 
 logger = logging.getLogger("pipeline.train")
 
 
 class NonfiniteGuard:
-    """Applies `training.nonfinite_policy`. The trainer calls it at three points:
+    """Decides what `training.nonfinite_policy` asks for; the trainer carries it out.
 
-    - `before_training(trainer)` at the start of `fit`: with `rollback`, it makes sure there is a
-      checkpoint to roll back to.
-    - `handle(trainer, grad_norm)` when a step's gradient norm is not finite. The update has
-      not been applied at that point.
-    - `roll_back_if_pending(trainer)` after the strategy's step. If it returns True, the trainer
-      trains the step again, on the next batch, from the restored state.
+    It holds no reference to the trainer, the strategy or the checkpoints: it counts on the
+    `Progress` it is given and answers.
+
+    - `wants_rollback_point`: with `rollback`, `fit` must start from a saved state.
+    - `handle(progress, grad_norm)` when a step's gradient norm is not finite (the update was
+      not applied). Counts it; raises for `abort` or past the limit; warns for `skip`; for
+      `rollback` returns the text that describes the bad step, and the trainer rolls back.
+    - `rolled_back(...)`: the warning that says what a rollback did.
     """
 
     def __init__(self, training: TrainingConfig) -> None:
         self.policy = training.nonfinite_policy
         self.limit = training.max_nonfinite_steps
-        self._pending: str | None = None
-        """The warning text of a rollback that `handle` decided and the trainer has not done."""
 
-    def before_training(self, trainer: Trainer) -> Path | None:
-        """With `rollback`, save the current state if no checkpoint could be rolled back to."""
-        if self.policy != "rollback" or self._candidates(trainer):
-            return None
-        path = trainer.save_checkpoint()  # collective: every rank got the same answer above
-        logger.info(
-            "nonfinite_policy rollback: saved the starting state (step %d) to roll back to "
-            "until the first checkpoint",
-            trainer.progress.step,
-        )
-        return path
+    @property
+    def wants_rollback_point(self) -> bool:
+        return self.policy == "rollback"
 
-    @staticmethod
-    def _candidates(trainer: Trainer) -> list[Path]:
-        """This run's checkpoints at or before the current step, newest first (not verified).
-
-        Not simply `latest`: after a resume from an older checkpoint, `latest` may still
-        point past the current step.
-        """
-        trainer.strategy.flush_checkpoints()  # a checkpoint still being written counts too
-        store, step = trainer.checkpoints, trainer.progress.step
-        return trainer.strategy.main_only(
-            lambda: [path for saved, path in reversed(store.list_checkpoints()) if saved <= step]
-        )
-
-    def handle(self, trainer: Trainer, grad_norm: float) -> None:
-        """Count a non-finite step. Abort, or warn and skip, or schedule a rollback."""
-        progress = trainer.progress
+    def handle(self, progress: Progress, grad_norm: float) -> str | None:
+        """Count a non-finite step. Abort, or warn and skip (None), or ask for a rollback."""
         progress.nonfinite_steps += 1
         progress.skipped_steps += 1
         where = f"step {progress.step + 1}: non-finite gradient norm ({grad_norm})"
@@ -93,25 +67,12 @@ class NonfiniteGuard:
         so_far = f"{progress.nonfinite_steps} non-finite step(s) so far, limit {self.limit}"
         if self.policy == "skip":
             logger.warning("%s; update skipped (%s)", where, so_far)
-            return
-        self._pending = f"{where}; {so_far}"
+            return None
+        return f"{where}; {so_far}"
 
-    def roll_back_if_pending(self, trainer: Trainer) -> bool:
-        """Do a rollback that `handle` scheduled; return whether one was done."""
-        if self._pending is None:
-            return False
-        where, self._pending = self._pending, None
-        parts = trainer.parts
-        cursor = parts.sampler.cursor
-        bad_step = trainer.progress.step + 1
-        counters = (trainer.progress.nonfinite_steps, trainer.progress.skipped_steps)
-        run_id = trainer.tracking_run_id
-        parts.optimizer.zero_grad(set_to_none=True)
-        path = self._restore(trainer, where)
-        parts.sampler.cursor = cursor  # past the bad batch: it is not trained on again
-        trainer.progress.nonfinite_steps, trainer.progress.skipped_steps = counters
-        trainer.tracking_run_id = run_id or trainer.tracking_run_id
-        restored = trainer.progress.step
+    @staticmethod
+    def rolled_back(where: str, restored: int, bad_step: int, path: Path, cursor: int) -> None:
+        """Say what a rollback did: where it went back to and which steps run again."""
         replayed = (
             f"steps {restored + 1}-{bad_step} run again on new data"
             if bad_step > restored + 1
@@ -125,20 +86,4 @@ class NonfiniteGuard:
             path,
             cursor,
             replayed,
-        )
-        return True
-
-    def _restore(self, trainer: Trainer, where: str) -> Path:
-        """Load the newest intact checkpoint at or before the current step; return its path."""
-        problems = []
-        for path in self._candidates(trainer):
-            try:
-                return trainer.strategy.load(trainer, path)
-            except CorruptCheckpointError as exc:
-                problems.append(str(exc))
-                logger.warning("%s; trying an older one", exc)
-        raise CheckpointError(
-            f"{where}; nonfinite_policy rollback found no intact checkpoint at or before step "
-            f"{trainer.progress.step} in {trainer.checkpoints.directory}"
-            + (": " + "; ".join(problems) if problems else "")
         )

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from pipeline.config.loader import dump_config
 from pipeline.config.schema import Config
-from pipeline.distributed.strategy import SingleDevice
+from pipeline.distributed.data_parallel import SingleDevice
+from pipeline.distributed.strategy import Strategy
 from pipeline.model_artifact import save_model_dir
 from pipeline.tracking.base import TrackerGroup
 from pipeline.tracking.dvc_metrics import DvcMetricsTracker
@@ -32,7 +33,7 @@ def train(
     config: Config,
     resume: str | None = None,
     console: bool = True,
-    strategy: SingleDevice | None = None,
+    strategy: Strategy | None = None,
     tags: dict[str, str] | None = None,
 ) -> TrainResult:
     """Train `config` (resuming from `resume`: a path, `latest`, `auto`, or a `runs:/` URI of
@@ -65,7 +66,7 @@ def train(
 def _train_locked(
     config: Config,
     parts: TrainingComponents,
-    strategy: SingleDevice,
+    strategy: Strategy,
     resume: str | None,
     fetched: FetchedCheckpoint | None,
     console: bool,
@@ -124,7 +125,7 @@ def _train_locked(
         try:
             result = trainer.fit(tracker)
             if not result.preempted:
-                model = strategy.export_model(parts)  # collective under ZeRO; None off rank 0
+                model = strategy.export_model(parts.model)  # collective under ZeRO; None off rank 0
                 if model is not None:
                     save_model_dir(model, config, parts.vocab_size, run_dir / "model")
                     if mlflow is not None:

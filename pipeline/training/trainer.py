@@ -8,7 +8,6 @@ more therefore see the same batches, draw the same random numbers and end with t
 from __future__ import annotations
 
 import logging
-import math
 import os
 import signal
 import time
@@ -19,14 +18,22 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.checkpoint import CorruptCheckpointError
 from pipeline.config.output import public_values
 from pipeline.config.schema import Config
-from pipeline.distributed.strategy import SingleDevice
+from pipeline.distributed.data_parallel import SingleDevice
+from pipeline.distributed.strategy import StepResult, Strategy
 from pipeline.errors import CheckpointError
 from pipeline.rng import capture_rng_state, restore_rng_state
 from pipeline.training.batching import global_batch_sequences, plan_batch, ramped_sequences
 from pipeline.training.components import TrainingComponents, build_components
 from pipeline.training.data_ledger import LEDGER_FILE, DataLedger
+from pipeline.training.loop_state import (
+    CHECKPOINT_FORMAT,
+    Progress,
+    check_compatible,
+    restore_rank_rng,
+)
 from pipeline.training.mixture import metric_name
 from pipeline.training.nonfinite import NonfiniteGuard
 from pipeline.training.progress import ProgressReporter
@@ -34,18 +41,7 @@ from pipeline.training.sampler import SequenceSampler, evaluation_windows
 
 logger = logging.getLogger("pipeline.train")
 
-CHECKPOINT_FORMAT = 1
-
-
-@dataclass
-class Progress:
-    """The loop's own counters; saved in every checkpoint."""
-
-    step: int = 0
-    tokens_seen: int = 0
-    skipped_steps: int = 0
-    """Steps whose update was dropped: fp16 overflow or non-finite gradients."""
-    nonfinite_steps: int = 0
+__all__ = ["CHECKPOINT_FORMAT", "Progress", "StopRequested", "TrainResult", "Trainer"]
 
 
 @dataclass
@@ -107,20 +103,21 @@ class StopRequested:
 class Trainer:
     """Trains one configured model, on one device or as one rank of a distributed strategy.
 
-    The strategy (single device, DDP, DeepSpeed) wraps the model and owns the parts of a step
-    that differ between them: gradient sync, the optimizer step, checkpoint format. Resumable
-    from its own checkpoints.
+    The strategy (single device, DDP, DeepSpeed; see `pipeline.distributed.strategy`) wraps the
+    model and owns the parts of a step that differ between layouts: gradient sync, precision and
+    the optimizer step, the checkpoint format. The trainer owns the policy around them: the data,
+    the learning rate, counters, non-finite steps, logging. Resumable from its own checkpoints.
     """
 
     def __init__(
         self,
         config: Config,
         components: TrainingComponents | None = None,
-        strategy: SingleDevice | None = None,
+        strategy: Strategy | None = None,
     ) -> None:
         self.config = config
         self.parts = components or build_components(config)
-        self.strategy = strategy or SingleDevice(config=config)
+        self.strategy: Strategy = strategy or SingleDevice(config=config)
         self.progress = Progress()
         self.run_dir = Path(config.run_dir)
         self.tracking_run_id: str | None = None
@@ -131,24 +128,17 @@ class Trainer:
         self.world_size = self.strategy.world_size
         self.rank = self.strategy.rank
         plan_batch(self.full_batch, config.training.micro_batch_size, self.world_size, seq)
-        self.strategy.prepare(self.parts, config)
+        parts = self.parts
+        self.wrapped = self.strategy.wrap(parts.model, parts.optimizer, parts.precision)
+        """The forward, optimizer and precision the loop uses (the strategy's wrapping)."""
         self.checkpoints = self.strategy.checkpoint_store(
             self.run_dir / "checkpoints", config.training.keep_checkpoints
         )
         self.nonfinite = NonfiniteGuard(config.training)
 
     # ----------------------------------------------------------------------------- state
-    def state_dict(self) -> dict[str, Any]:
-        parts = self.parts
-        return {
-            "model": parts.model.state_dict(),
-            "optimizer": parts.optimizer.state_dict(),
-            "scaler": parts.precision.state_dict(),
-            **self.loop_state_dict(),
-        }
-
     def loop_state_dict(self) -> dict[str, Any]:
-        """Everything but weights, optimizer and scaler (DeepSpeed saves those itself)."""
+        """The trainer's named states; the strategy adds weights, optimizer and scaler."""
         parts = self.parts
         return {
             "format": CHECKPOINT_FORMAT,
@@ -160,36 +150,38 @@ class Trainer:
             "tracking": {"run_id": self.tracking_run_id},
         }
 
-    def load_state_dict(self, state: dict[str, Any], source: Path) -> None:
-        """Restore a checkpoint after checking it fits this run's model and tokenizer."""
+    def check_compatible(self, state: dict[str, Any], source: Path) -> None:
+        """The check a strategy runs on a checkpoint before restoring anything from it."""
         check_compatible(state, self.config, self.parts.vocab_size, self.parts.tokenizer_id, source)
-        missing = [key for key in ("model", "optimizer", "scaler") if key not in state]
-        if missing:
-            raise CheckpointError(f"{source}: not a full training checkpoint (no {missing})")
-        parts = self.parts
-        try:
-            parts.model.load_state_dict(state["model"])
-            parts.optimizer.load_state_dict(state["optimizer"])
-            parts.precision.load_state_dict(state["scaler"])
-        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise CheckpointError(f"{source}: cannot restore it: {first}") from exc
-        self.load_loop_state(state, source)
 
-    def load_loop_state(self, state: dict[str, Any], source: Path) -> None:
-        """Restore data position, counters, tracking id and this process's RNG state."""
+    def load_loop_state(
+        self, state: dict[str, Any], source: Path, keep_position: bool = False
+    ) -> None:
+        """Restore data position, counters, tracking id and this rank's RNG state.
+
+        `keep_position` (a non-finite rollback): the data position, the skipped/non-finite
+        counters and the tracking run id stay as they are; step, tokens and RNG go back.
+        """
         parts = self.parts
         try:
-            parts.sampler.load_state_dict(state["sampler"])
+            if not keep_position:
+                parts.sampler.load_state_dict(state["sampler"])
             progress = Progress(**state["progress"])
             restore_rng_state(state["rng"])
         except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
             raise CheckpointError(f"{source}: {exc}") from None
+        restore_rank_rng(state, self.rank, self.world_size)
+        run_id = (state.get("tracking") or {}).get("run_id")
+        if keep_position:
+            progress.skipped_steps = self.progress.skipped_steps
+            progress.nonfinite_steps = self.progress.nonfinite_steps
+            run_id = self.tracking_run_id or run_id
         self.progress = progress
-        self.tracking_run_id = (state.get("tracking") or {}).get("run_id")
+        self.tracking_run_id = run_id
 
     def resume(self, which: str | Path) -> Path:
-        path = self.strategy.load(self, which)
+        state, path = self.strategy.load(which, self.check_compatible)
+        self.load_loop_state(state, path)
         logger.info("resumed from %s at step %d", path, self.progress.step)
         return path
 
@@ -215,8 +207,9 @@ class Trainer:
             t, self.full_batch, self.progress.tokens_seen, quantum, self.config.seq_len
         )
         plan = plan_batch(sequences, t.micro_batch_size, self.world_size, self.config.seq_len)
+        wrapped = self.wrapped
         lr = self._lr()
-        for group in parts.optimizer.param_groups:
+        for group in wrapped.optimizer.param_groups:
             group["lr"] = lr
 
         ids = parts.sampler.global_batch(plan.global_sequences)
@@ -228,57 +221,96 @@ class Trainer:
             chunk = mine[micro * plan.micro_batch_size : (micro + 1) * plan.micro_batch_size]
             inputs, targets = parts.to_device(*parts.sampler.gather(chunk))
             with self.strategy.micro_step(last=micro == plan.accumulation_steps - 1):
-                with parts.precision.autocast():
-                    _, loss = parts.forward(inputs, targets)
+                with wrapped.precision.autocast():
+                    _, loss = wrapped.forward(inputs, targets)
                 loss = loss / plan.accumulation_steps
-                self.strategy.backward(parts, loss)
+                self.strategy.backward(loss)
             loss_sum += loss.detach()
 
-        loss_sum = self.strategy.mean(loss_sum)  # the global batch's loss, as on one device
-        grad_norm = self.strategy.step(self)
-        if self.nonfinite.roll_back_if_pending(self):  # nonfinite_policy rollback
+        loss_sum = self.strategy.reduce_mean(loss_sum)  # the global batch's loss, as on one device
+        result = self.strategy.step()
+        if self._not_applied(result):  # nonfinite_policy rollback
             return self.train_step()  # the same step again, on the next batch
         self.progress.step += 1
         self.progress.tokens_seen += plan.global_tokens
         return {
             "train/loss": loss_sum,
             "train/lr": lr,
-            "train/grad_norm": grad_norm,
-            "train/loss_scale": parts.precision.loss_scale(),
+            "train/grad_norm": result.grad_norm,
+            "train/loss_scale": wrapped.precision.loss_scale(),
             "train/tokens_seen": float(self.progress.tokens_seen),
             "train/batch_sequences": float(plan.global_sequences),
         }
 
-    def _clip_and_step(self) -> float:
-        parts, t = self.parts, self.config.training
-        scaler = parts.precision.scaler
-        if scaler is not None:
-            scaler.unscale_(parts.optimizer)
-        params = [p for g in parts.optimizer.param_groups for p in g["params"]]
-        max_norm = t.grad_clip if t.grad_clip is not None else math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-        if scaler is not None:
-            scale_before = scaler.get_scale()
-            scaler.step(parts.optimizer)
-            scaler.update()
-            if scaler.get_scale() < scale_before:
-                self.progress.skipped_steps += 1
-                logger.warning(
-                    "step %d: fp16 gradient overflow, update skipped, loss scale %g -> %g",
-                    self.progress.step,
-                    scale_before,
-                    scaler.get_scale(),
-                )
-        elif math.isfinite(grad_norm):
-            parts.optimizer.step()
-        else:
-            self._handle_nonfinite(grad_norm)
-        parts.optimizer.zero_grad(set_to_none=True)
-        return grad_norm
+    def _not_applied(self, result: StepResult) -> bool:
+        """Count a step whose update was not applied; True when it was rolled back.
 
-    def _handle_nonfinite(self, grad_norm: float) -> None:
-        """The update is not applied; skip, abort or roll back per training.nonfinite_policy."""
-        self.nonfinite.handle(self, grad_norm)
+        An fp16 overflow is the loss scaler's business: counted and reported. A non-finite
+        gradient goes to training.nonfinite_policy (skip, abort, or roll back here).
+        """
+        if result.applied:
+            return False
+        if result.overflow:
+            self.progress.skipped_steps += 1
+            logger.warning(
+                "step %d: fp16 gradient overflow, update skipped, loss scale now %g",
+                self.progress.step,
+                self.wrapped.precision.loss_scale(),
+            )
+            return False
+        where = self.nonfinite.handle(self.progress, result.grad_norm)
+        if where is None:
+            return False
+        self._roll_back(where)
+        return True
+
+    # -------------------------------------------------------------- non-finite rollback
+    def _rollback_candidates(self) -> list[Path]:
+        """This run's checkpoints at or before the current step, newest first (not verified).
+
+        Not simply `latest`: after a resume from an older checkpoint, `latest` may still
+        point past the current step.
+        """
+        self.strategy.flush_checkpoints()  # a checkpoint still being written counts too
+        store, step = self.checkpoints, self.progress.step
+        return self.strategy.main_only(
+            lambda: [path for saved, path in reversed(store.list_checkpoints()) if saved <= step]
+        )
+
+    def _ensure_rollback_point(self) -> None:
+        """With nonfinite_policy rollback, save the current state if there is nothing to roll
+        back to yet."""
+        if not self.nonfinite.wants_rollback_point or self._rollback_candidates():
+            return
+        self.save_checkpoint()  # collective: every rank got the same answer above
+        logger.info(
+            "nonfinite_policy rollback: saved the starting state (step %d) to roll back to "
+            "until the first checkpoint",
+            self.progress.step,
+        )
+
+    def _roll_back(self, where: str) -> None:
+        """Restore the newest intact checkpoint at or before the current step, keeping the
+        data position past the bad batch and the non-finite counters."""
+        cursor = self.parts.sampler.cursor
+        bad_step = self.progress.step + 1
+        self.wrapped.optimizer.zero_grad(set_to_none=True)
+        problems = []
+        for path in self._rollback_candidates():
+            try:
+                state, source = self.strategy.load(path, self.check_compatible)
+            except CorruptCheckpointError as exc:
+                problems.append(str(exc))
+                logger.warning("%s; trying an older one", exc)
+                continue
+            self.load_loop_state(state, source, keep_position=True)
+            self.nonfinite.rolled_back(where, self.progress.step, bad_step, source, cursor)
+            return
+        raise CheckpointError(
+            f"{where}; nonfinite_policy rollback found no intact checkpoint at or before step "
+            f"{self.progress.step} in {self.checkpoints.directory}"
+            + (": " + "; ".join(problems) if problems else "")
+        )
 
     def evaluate(self) -> float:
         """Validation loss: one source's mean, or the sources' means averaged by weight."""
@@ -300,8 +332,8 @@ class Trainer:
         for start in range(0, len(windows), t.micro_batch_size):
             chunk = windows[start : start + t.micro_batch_size]
             inputs, targets = parts.to_device(*sampler.gather(chunk))
-            with parts.precision.autocast():
-                _, loss = parts.forward(inputs, targets)
+            with self.wrapped.precision.autocast():
+                _, loss = self.wrapped.forward(inputs, targets)
             total += float(loss) * len(chunk)
             count += len(chunk)
         parts.model.train()
@@ -321,7 +353,7 @@ class Trainer:
         logger.info("step %d: val loss %.4f%s", step, val, detail)
 
     def save_checkpoint(self) -> Path:
-        return self.strategy.save(self)
+        return self.strategy.save(self.loop_state_dict(), self.progress.step)
 
     def fit(self, tracker: Any, reporter: ProgressReporter | None = None) -> TrainResult:
         """Train until max_steps/max_tokens or a stop signal; checkpoint on the way out.
@@ -367,7 +399,7 @@ class Trainer:
         self, tracker: Any, reporter: Any, result: TrainResult, ledger: DataLedger | None
     ) -> None:
         t = self.config.training
-        self.nonfinite.before_training(self)  # rollback: have a checkpoint to roll back to
+        self._ensure_rollback_point()  # nonfinite_policy rollback: have a checkpoint
         first_step = True
         with StopRequested() as stop:
             logger.info(
@@ -381,7 +413,7 @@ class Trainer:
                 if ledger is not None:
                     ledger.record(step, self.last_windows)
                 if first_step:
-                    self.strategy.prepare_checkpoint_buffers(self)
+                    self.strategy.prepare_checkpoint_buffers(self.loop_state_dict())
                     first_step = False
                 if step % t.log_interval == 0 or step == 1:
                     metrics["train/loss"] = float(metrics["train/loss"])  # waits for the GPU
@@ -423,48 +455,3 @@ class _QuietReporter:
 
     def close(self) -> None:
         pass
-
-
-def check_compatible(
-    state: dict[str, Any], config: Config, vocab_size: int, tokenizer_id: str, source: Path
-) -> None:
-    """A checkpoint must match the model's shape and the tokenizer; the error names the mismatch."""
-    check_loop_state(state, source)
-    saved_model = state["config"]["model"]
-    mismatches = [
-        f"model.{key}: checkpoint {saved_model.get(key)} != config {getattr(config.model, key)}"
-        for key in ("n_layer", "d_model", "n_head", "d_head", "d_ff", "n_ctx")
-        if saved_model.get(key) != getattr(config.model, key)
-    ]
-    data = state.get("data", {})
-    if data.get("vocab_size") != vocab_size:
-        mismatches.append(f"vocab_size: checkpoint {data.get('vocab_size')} != data {vocab_size}")
-    if data.get("tokenizer") != tokenizer_id:
-        mismatches.append(f"tokenizer: checkpoint {data.get('tokenizer')} != data {tokenizer_id}")
-    if mismatches:
-        raise CheckpointError(f"{source} does not match this run: " + "; ".join(mismatches))
-
-
-LOOP_STATE = {
-    "sampler": dict,
-    "progress": dict,
-    "rng": dict,
-    "config": dict,
-    "data": dict,
-}
-"""Keys of the loop state and their types: checked before anything is restored from it."""
-
-
-def check_loop_state(state: Any, source: Path) -> None:
-    """A checkpoint's loop state has the shape this trainer writes; else a CheckpointError.
-
-    A file can verify against its checksum and load weights-only and still not be one of ours
-    (or be one whose keys were edited): that must be a one-line error, never a KeyError.
-    """
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{source}: not a training checkpoint of format {CHECKPOINT_FORMAT}")
-    bad = [key for key, kind in LOOP_STATE.items() if not isinstance(state.get(key), kind)]
-    if not bad and not isinstance(state["config"].get("model"), dict):
-        bad.append("config.model")
-    if bad:
-        raise CheckpointError(f"{source}: damaged training checkpoint (bad {', '.join(bad)})")
