@@ -262,20 +262,31 @@ class GPT(nn.Module):
         with depth; biases zero; LayerNorm weight one, bias zero; padding rows zero.
         """
         self.tie_weights()
-        residual_std = INIT_STD / math.sqrt(2 * self.config.n_layer)
         for name, module in self.named_modules():
-            if isinstance(module, nn.Linear):
-                std = residual_std if name.endswith("c_proj") else INIT_STD
-                if module is not self.lm_head:  # tied: initialised as the embedding
-                    nn.init.normal_(module.weight, mean=0.0, std=std)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, mean=0.0, std=INIT_STD)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
+            self.init_module(name, module)
+
+    @torch.no_grad()
+    def init_module(self, name: str, module: nn.Module) -> None:
+        """Initialise one submodule's own parameters (`name` as `named_modules` gives it).
+
+        `init_weights` is this over `named_modules()` in order, so calling it module by module
+        in that order draws the same random numbers: `pipeline.distributed.meta_init` uses it to
+        fill a model built on the meta device one module at a time, bitwise as `init_weights`.
+        """
+        if isinstance(module, nn.Linear):
+            residual_std = INIT_STD / math.sqrt(2 * self.config.n_layer)
+            std = residual_std if name.endswith("c_proj") else INIT_STD
+            if module is not self.lm_head:  # tied: initialised as the embedding
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
                 nn.init.zeros_(module.bias)
-        self.wte.weight[self.vocab_size :].zero_()
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=INIT_STD)
+            if module is self.wte:
+                module.weight[self.vocab_size :].zero_()  # padding rows (no random draw)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
 
     def set_gradient_checkpointing(self, enabled: bool, blocks: int | None = None) -> None:
         """Recompute blocks' activations in backward: memory for about a third more compute.

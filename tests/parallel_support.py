@@ -1,0 +1,145 @@
+"""A small training loop run by spawned gloo ranks, for the FSDP / tensor-parallel tests and bench.
+
+Every layout trains the same tiny GPT on the same global batches: each data-parallel slice takes
+its contiguous part of the global batch (as the trainer's DDP path does), the ranks of one
+tensor-parallel group share a slice. The loss reported for a step is the mean over the slices,
+which is the global batch's mean loss, so it compares directly with one device's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.distributed.tensor import DTensor
+
+from pipeline.config.schema import ModelConfig
+from pipeline.distributed.fsdp import clip_grad_norm
+from pipeline.distributed.mesh import build_mesh, data_slice
+from pipeline.distributed.parallelize import build_sharded, parallelize
+from pipeline.model import GPT
+
+TINY = ModelConfig(name="t", n_layer=2, d_model=64, n_head=4, d_head=16, d_ff=128, n_ctx=32)
+VOCAB = 500  # padded to 512 rows: splits over 2 and 4 tensor-parallel ranks
+
+
+@dataclass
+class Job:
+    """What every rank of one spawned run does."""
+
+    world_size: int = 1
+    tensor_parallel: int = 1
+    steps: int = 30
+    global_batch: int = 8
+    seq_len: int = 32
+    seed: int = 1234
+    meta_init: bool = True
+    """Build on the meta device and materialize the shards (else build whole, then shard)."""
+    compare_init: bool = False
+    """Rank 0 checks the sharded model's full weights against `GPT(config)` bitwise."""
+    model: dict = field(default_factory=lambda: TINY.model_dump())
+
+
+def batches(job: Job) -> list[torch.Tensor]:
+    """The run's global batches of token ids, the same for every layout."""
+    g = torch.Generator().manual_seed(job.seed + 1)
+    steps = torch.arange(job.seq_len + 1)
+    out = []
+    for _ in range(job.steps):  # learnable: each next token follows from the one before
+        start = torch.randint(0, VOCAB, (job.global_batch, 1), generator=g)
+        out.append((start + 7 * steps) % VOCAB)
+    return out
+
+
+def full_state(model: GPT) -> dict[str, torch.Tensor]:
+    """Every parameter whole (DTensors gathered), keyed as the plain model's state dict."""
+    return {
+        name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
+        for name, p in model.named_parameters()
+    }
+
+
+def train(model: GPT, job: Job, rank: int, slices: int) -> dict[str, list[float]]:
+    """`job.steps` AdamW steps with clipping; per-step global loss, grad norm and step time."""
+    optimizer = torch.optim.AdamW(model.param_groups(0.1), lr=3e-3)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    out: dict[str, list[float]] = {"loss": [], "grad_norm": [], "seconds": []}
+    for batch in batches(job):
+        per = job.global_batch // slices
+        mine = batch[rank * per : (rank + 1) * per]
+        start = time.perf_counter()
+        _, loss = model(mine[:, :-1], mine[:, 1:])
+        loss.backward()
+        norm = clip_grad_norm(params, 1.0) if slices > 1 or _sharded(model) else None
+        if norm is None:
+            norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        out["seconds"].append(time.perf_counter() - start)
+        reported = loss.detach().clone()
+        if dist.is_initialized():
+            dist.all_reduce(reported)
+            reported /= dist.get_world_size()  # tensor-parallel ranks hold the same loss
+        out["loss"].append(float(reported))
+        out["grad_norm"].append(float(norm))
+    return out
+
+
+def _sharded(model: GPT) -> bool:
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def single(job: Job) -> dict[str, list[float]]:
+    """One process, today's build: the reference run."""
+    torch.manual_seed(job.seed)
+    model = GPT(ModelConfig(**job.model), VOCAB)
+    return train(model, job, 0, 1)
+
+
+def _worker(rank: int, job: Job, init_file: str, out_dir: str) -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=job.world_size
+    )
+    try:
+        mesh = build_mesh("cpu", job.world_size, job.tensor_parallel)
+        config = ModelConfig(**job.model)
+        torch.manual_seed(job.seed)
+        if job.meta_init:
+            model = build_sharded(config, VOCAB, mesh, torch.device("cpu"))
+        else:
+            model = parallelize(GPT(config, VOCAB), mesh)
+        result: dict = {}
+        if job.compare_init:
+            got = full_state(model)
+            if rank == 0:
+                torch.manual_seed(job.seed)
+                want = GPT(config, VOCAB).state_dict()
+                result["init_equal"] = {k: torch.equal(got[k], want[k]) for k in got}
+                result["tied"] = model.lm_head.weight is model.wte.weight
+        piece = data_slice(mesh)
+        result.update(train(model, job, piece.rank, piece.world_size))
+        if rank == 0:
+            Path(out_dir, "result.json").write_text(json.dumps(result))
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(job: Job, tmp: Path) -> dict:
+    """Run `job` on `job.world_size` gloo ranks (spawned processes); rank 0's result."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    init_file = tmp / "rendezvous"
+    init_file.unlink(missing_ok=True)
+    mp.spawn(_worker, args=(job, str(init_file), str(tmp)), nprocs=job.world_size, join=True)
+    return json.loads((tmp / "result.json").read_text())
+
+
+def job_dict(job: Job) -> dict:
+    return asdict(job)
