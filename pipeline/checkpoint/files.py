@@ -1,9 +1,10 @@
 """The low-level file operations a checkpoint save is built from, and how they fail.
 
 Owned temporary names (`.name.<pid>@<host>.tmp`) and whether their writer still lives,
-exclusive creation, a writer that hashes as it writes, directory fsync, and turning an OSError
-into a `CheckpointError` that says whether the disk is full. The order in which
-`CheckpointManager` combines them is in `pipeline.checkpoint.manager`'s docstring.
+exclusive creation, a writer that hashes as it writes, directory fsync, `atomic_write` (the one
+way this package replaces a small file: checksum files, the `latest` pointer, a manifest) and
+turning an OSError into a `CheckpointError` that says whether the disk is full. The order in
+which `CheckpointManager` combines them is in `pipeline.checkpoint.manager`'s docstring.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import errno
 import hashlib
 import os
 import re
+import socket
 from pathlib import Path
 from typing import IO
 
@@ -88,6 +90,34 @@ def fsync_directory(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def sync_file(path: Path) -> None:
+    """fsync a file that was written by someone else (DeepSpeed's or DCP's writers)."""
+    with open(path, "rb+") as handle:
+        os.fsync(handle.fileno())
+
+
+def atomic_write(final: Path, data: bytes | str, sync_directory: bool = True) -> None:
+    """Replace `final` by `data` so that a reader (or a kill) sees the old bytes or the new.
+
+    Written under an owned temporary name beside `final` (see `temp_path`, swept by
+    `CheckpointManager` when its writer is dead), fsynced, then `os.replace`d; the temporary
+    file never outlives a failed call. `sync_directory=False` leaves the directory fsync to a
+    caller that renames more in the same directory right after.
+    """
+    payload = data.encode("utf-8") if isinstance(data, str) else data
+    tmp = temp_path(final, socket.gethostname())
+    try:
+        with create_new(tmp) as handle:
+            handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+    if sync_directory:
+        fsync_directory(final.parent)
 
 
 def write_error(exc: OSError, target: Path) -> CheckpointError:

@@ -39,6 +39,7 @@ from pipeline.checkpoint.files import (
     DISK_FULL_ERRNOS,
     TEMP_RE,
     HashingWriter,
+    atomic_write,
     create_new,
     fsync_directory,
     temp_path,
@@ -163,37 +164,28 @@ class CheckpointManager:
 
     def _publish(self, data_tmp: Path, target: Path, digest: str, created: list[Path]) -> None:
         """Steps 2-4 of the module docstring: checksum, rename, then move `latest`."""
-        self._replace_verified(target, digest, lambda: os.replace(data_tmp, target), created)
+        self._replace_verified(target, digest, lambda: os.replace(data_tmp, target))
         latest = self.latest_path
         link_tmp = temp_path(latest, self._host)
         created.append(link_tmp)
         self._link_or_copy(target, link_tmp)  # before its checksum file (see _sweep)
-        self._replace_verified(latest, digest, lambda: os.replace(link_tmp, latest), created)
+        self._replace_verified(latest, digest, lambda: os.replace(link_tmp, latest))
 
-    def _replace_verified(
-        self, path: Path, digest: str, replace: Callable[[], None], created: list[Path]
-    ) -> None:
+    def _replace_verified(self, path: Path, digest: str, replace: Callable[[], None]) -> None:
         """Swap the bytes at `path` so that they match its checksum file at every moment."""
         old = read_checksums(path) if path.exists() else None
         if old and digest not in old:
-            self._write_checksums(path, [*sorted(old), digest], created)
+            self._write_checksums(path, [*sorted(old), digest])
         else:
-            self._write_checksums(path, [digest], created)
+            self._write_checksums(path, [digest])
         replace()
         fsync_directory(self.directory)
         if old and old != {digest}:
-            self._write_checksums(path, [digest], created)
+            self._write_checksums(path, [digest])
 
-    def _write_checksums(self, path: Path, digests: Iterable[str], created: list[Path]) -> None:
+    def _write_checksums(self, path: Path, digests: Iterable[str]) -> None:
         text = "".join(f"{digest}  {path.name}\n" for digest in digests)
-        final = checksum_path(path)
-        tmp = temp_path(final, self._host)
-        created.append(tmp)
-        with create_new(tmp) as handle:
-            handle.write(text.encode("ascii"))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, final)
+        atomic_write(checksum_path(path), text.encode("ascii"), sync_directory=False)
 
     def _write_state(self, state: dict[str, Any], tmp: Path) -> str:
         with create_new(tmp) as handle:
@@ -282,12 +274,7 @@ class CheckpointManager:
     def _collapse_checksums(self, data: Path) -> None:
         actual = file_sha256(data)
         if actual in (read_checksums(data) or set()):
-            created: list[Path] = []
-            try:
-                self._write_checksums(data, [actual], created)
-            finally:
-                for path in created:
-                    path.unlink(missing_ok=True)
+            self._write_checksums(data, [actual])
 
     # ----------------------------------------------------------------------------- loading
     def load(

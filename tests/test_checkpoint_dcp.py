@@ -1,0 +1,249 @@
+"""The DCP store: sharded (FSDP2) states saved on N ranks load on M, with the guarantees of the
+single-file store (checksums, fallback to the newest intact checkpoint, `latest`, keep-N, atomic
+publish) and a write that runs behind training.
+
+The multi-rank halves run as 2 spawned gloo processes; the one-rank halves run in the test
+process itself, without a process group (how a single-device run uses the store).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+)
+from torch.utils._pytree import tree_map
+
+from pipeline.checkpoint.dcp_store import LOOP_FILE, DCPStore, ModelState, OptimizerState
+from pipeline.checkpoint.folders import LATEST, MANIFEST, hash_and_sync
+from pipeline.checkpoint.layout import CorruptCheckpointError
+from pipeline.distributed.comm import Collective
+from pipeline.errors import CheckpointError
+
+FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+class Net(torch.nn.Module):
+    """Two blocks and a head: enough for per-block `fully_shard` plus the root."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(
+            [torch.nn.Sequential(torch.nn.Linear(6, 10), torch.nn.Tanh()) for _ in range(2)]
+        )
+        self.blocks[1][0] = torch.nn.Linear(10, 6)
+        self.head = torch.nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+def build(seed: int, shard: bool) -> tuple[Net, torch.optim.Optimizer]:
+    torch.manual_seed(seed)
+    net = Net()
+    if shard:
+        from torch.distributed.fsdp import fully_shard
+
+        for block in net.blocks:
+            fully_shard(block)
+        fully_shard(net)
+    return net, torch.optim.AdamW(net.parameters(), lr=0.1)
+
+
+def train_step(net: Net, optimizer: torch.optim.Optimizer, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    loss = net(torch.randn(4, 6, generator=g)).square().mean()
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+def states(net: Net, optimizer: torch.optim.Optimizer, step: int) -> dict:
+    return {
+        "model": ModelState(net),
+        "optimizer": OptimizerState(net, optimizer),
+        "trainer": {"step": step, "note": f"saved at {step}"},
+    }
+
+
+def full(net: Net, optimizer: torch.optim.Optimizer) -> dict:
+    """Copies of the whole tensors of model and optimizer (gathered when sharded; on one
+    process the state dict's tensors are the parameters themselves, hence the clone)."""
+    state = {
+        "model": get_model_state_dict(net, options=FULL),
+        "optimizer": get_optimizer_state_dict(net, optimizer, options=FULL),
+    }
+    return tree_map(lambda v: v.detach().clone() if isinstance(v, torch.Tensor) else v, state)
+
+
+def assert_same(a: object, b: object, where: str = "state") -> None:
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), (where, sorted(a), sorted(b))
+        for key in a:
+            assert_same(a[key], b[key], f"{where}[{key!r}]")
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b), where  # type: ignore[arg-type]
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, (where, a, b)
+
+
+def _worker(rank: int, world: int, init_file: str, directory: str, mode: str) -> None:
+    """One rank: `save` trains two steps saving after each; `load` restores `latest`."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        comm = Collective(rank, world)
+        store = DCPStore(Path(directory), keep=2, comm=comm)
+        out = Path(directory).parent
+        if mode == "save":
+            net, optimizer = build(seed=0, shard=True)
+            for step in (1, 2):
+                train_step(net, optimizer, seed=step)
+                store.save_states(states(net, optimizer, step), step)
+            store.flush()
+            expected = full(net, optimizer)
+            if rank == 0:
+                torch.save(expected, out / "saved_on_2.pt")
+        else:
+            net, optimizer = build(seed=99, shard=True)
+            train_step(net, optimizer, seed=99)  # optimizer state exists, and differs
+            path = comm.main_only(lambda: store.resolve("latest"))
+            loop = store.restore_states(states(net, optimizer, 0), path)
+            loaded = full(net, optimizer)
+            if rank == 0:
+                torch.save({"loaded": loaded, "loop": loop, "path": str(path)}, out / "on_2.pt")
+        store.close()
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(directory: Path, mode: str) -> None:
+    init_file = directory.parent / f"rendezvous-{mode}"
+    init_file.unlink(missing_ok=True)
+    mp.spawn(_worker, args=(2, str(init_file), str(directory), mode), nprocs=2, join=True)
+
+
+def test_sharded_save_on_2_ranks_loads_on_1_and_back_and_a_corrupt_shard_falls_back(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    directory = tmp_path / "checkpoints"
+    spawn(directory, "save")
+    assert sorted(p.name for p in directory.iterdir()) == [LATEST, "step_0000001", "step_0000002"]
+    assert (directory / LATEST).read_text() == "step_0000002\n"
+    saved = torch.load(tmp_path / "saved_on_2.pt", weights_only=True)
+
+    # 2 ranks -> 1: a plain model in this process gets the gathered tensors exactly.
+    store = DCPStore(directory, keep=2)
+    path = store.resolve("latest")
+    assert path == directory / "step_0000002"
+    assert store.inspect(path) == {"step": 2, "note": "saved at 2"}
+    net, optimizer = build(seed=7, shard=False)
+    train_step(net, optimizer, seed=7)
+    loop = store.restore_states(states(net, optimizer, 0), path)
+    assert loop == {"step": 2, "note": "saved at 2"}
+    assert_same(full(net, optimizer), saved)
+
+    # 1 rank -> 2: train on, save here, the 2 FSDP ranks load it exactly.
+    train_step(net, optimizer, seed=3)
+    store.save_states(states(net, optimizer, 3), 3)
+    assert store.wait() == directory / "step_0000003"
+    assert sorted(p.name for p in directory.glob("step_*")) == ["step_0000002", "step_0000003"]
+    here = full(net, optimizer)
+    spawn(directory, "load")
+    loaded = torch.load(tmp_path / "on_2.pt", weights_only=True)
+    assert loaded["path"] == str(directory / "step_0000003")
+    assert loaded["loop"] == {"step": 3, "note": "saved at 3"}
+    assert_same(loaded["loaded"], here)
+
+    # A flipped byte in a shard: refused by name; `latest` falls back to the previous one.
+    shard = next((directory / "step_0000003").glob("*.distcp"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CorruptCheckpointError, match=rf"{shard.name} is corrupt"):
+        store.resolve(3)
+    with caplog.at_level(logging.WARNING, logger="pipeline.checkpoint"):
+        assert store.resolve("latest") == directory / "step_0000002"
+    assert "trying an older checkpoint" in caplog.text
+    store.restore_states(states(net, optimizer, 0), directory / "step_0000002")
+    assert_same(full(net, optimizer), saved)
+
+
+def test_the_write_runs_behind_training_and_publishes_atomically(tmp_path: Path) -> None:
+    """`save_states` returns once the state is copied: changing the weights right after does
+    not reach the file; until the write is published there is no `step_N`, and a killed save's
+    folder is swept, never read."""
+    directory = tmp_path / "checkpoints"
+    store = DCPStore(directory, keep=1)
+    net, optimizer = build(seed=0, shard=False)
+    train_step(net, optimizer, seed=1)
+    before = full(net, optimizer)
+    killed = store.temp_path_for(5)
+    killed.mkdir(parents=True)
+    (killed / "__0_0.distcp").write_bytes(b"half a shard")
+    final = store.save_states(states(net, optimizer, 5), 5)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1.0)  # the next step changes the weights while the write may still run
+    assert store.wait() == final == directory / "step_0000005"
+    assert not killed.exists()
+    restored, opt2 = build(seed=3, shard=False)
+    train_step(restored, opt2, seed=3)
+    store.restore_states(states(restored, opt2, 0), final)
+    assert_same(full(restored, opt2), before)
+    listed = (final / MANIFEST).read_text().splitlines()
+    assert sorted(line.split("  ")[1] for line in listed) == sorted(
+        p.name for p in final.iterdir() if p.name != MANIFEST
+    )
+    assert LOOP_FILE in {line.split("  ")[1] for line in listed}
+
+    # keep=1: the next save replaces the folder and `latest` names the new one.
+    store.save_states(states(net, optimizer, 6), 6)
+    store.wait()
+    assert sorted(p.name for p in directory.iterdir()) == [LATEST, "step_0000006"]
+
+
+def test_a_crafted_index_or_loop_state_is_refused_before_anything_runs(tmp_path: Path) -> None:
+    """DCP unpickles `.metadata` without restriction; the store reads it first with one that
+    only builds DCP's index, even when the manifest was rewritten to match."""
+    directory = tmp_path / "checkpoints"
+    store = DCPStore(directory, keep=2, async_save=False)
+    net, optimizer = build(seed=0, shard=False)
+    path = store.save_states(states(net, optimizer, 1), 1)
+    metadata = path / ".metadata"
+    metadata.write_bytes(pickle.dumps(os.getcwd))  # a callable: what a payload would reach
+    digests = [(p.name, hash_and_sync(p)) for p in sorted(path.iterdir()) if p.name != MANIFEST]
+    (path / MANIFEST).write_text("".join(f"{d}  {n}\n" for n, d in digests))
+    with pytest.raises(CheckpointError, match=r"refusing DCP checkpoint .*posix\.getcwd"):
+        store.inspect(store.resolve("latest"))
+    with pytest.raises(CheckpointError, match="refusing"):
+        store.restore_states(states(net, optimizer, 0), path)
+
+
+def test_a_checkpoint_of_another_layout_is_a_clear_error(tmp_path: Path) -> None:
+    store = DCPStore(tmp_path / "checkpoints", keep=2)
+    with pytest.raises(CheckpointError, match="no intact DCP checkpoint"):
+        store.resolve("latest")
+    single = tmp_path / "step_0000001.pt"
+    single.write_bytes(b"x")
+    with pytest.raises(CheckpointError, match="is a single-file checkpoint"):
+        store.resolve(single)
+    net, optimizer = build(seed=0, shard=False)
+    with pytest.raises(TypeError, match=r"trainer.*object"):
+        store.save_states({**states(net, optimizer, 1), "trainer": {"bad": object()}}, 1)
+    assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
