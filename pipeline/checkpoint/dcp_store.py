@@ -225,9 +225,7 @@ class DCPStore(FolderCheckpoints):
     # ---------------------------------------------------------------------------- loading
     def inspect(self, path: Path) -> dict[str, Any]:
         """The loop state of a verified DCP folder (its index checked, no shard read)."""
-        verify_tag_dir(path)
-        check_metadata(path)
-        return read_loop_state(path)
+        return inspect_dcp_folder(path)
 
     def restore_states(self, states: dict[str, Any], path: Path) -> dict[str, Any]:
         """Every rank: load `path` (verified by `resolve` on rank 0) into the Stateful entries
@@ -241,6 +239,18 @@ class DCPStore(FolderCheckpoints):
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise CheckpointError(f"cannot restore DCP checkpoint {path}: {first[:300]}") from exc
         return read_loop_state(path)
+
+
+def inspect_dcp_folder(path: Path) -> dict[str, Any]:
+    """Verify a DCP folder against its manifest, check its index, return its loop state."""
+    verify_tag_dir(path)
+    check_metadata(path)
+    return read_loop_state(path)
+
+
+def is_dcp_folder(path: Path) -> bool:
+    """Does `path` hold a DCP checkpoint (rather than a DeepSpeed one)? Not verified."""
+    return (path / METADATA).is_file()
 
 
 def read_loop_state(path: Path) -> dict[str, Any]:
@@ -305,5 +315,7 @@ __all__ = [
     "ModelState",
     "OptimizerState",
     "check_metadata",
+    "inspect_dcp_folder",
+    "is_dcp_folder",
     "read_loop_state",
 ]
