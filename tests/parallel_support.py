@@ -9,17 +9,19 @@ which is the global batch's mean loss, so it compares directly with one device's
 from __future__ import annotations
 
 import json
-import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
 from torch.distributed.tensor import DTensor
 
+from pipeline.checkpoint.dcp_store import ModelState, OptimizerState
 from pipeline.config.schema import ModelConfig
+from pipeline.distributed import tensor_parallel
 from pipeline.distributed.fsdp import clip_grad_norm
 from pipeline.distributed.mesh import build_mesh, data_slice
 from pipeline.distributed.parallelize import build_sharded, parallelize
@@ -44,6 +46,12 @@ class Job:
     compare_init: bool = False
     """Rank 0 checks the sharded model's full weights against `GPT(config)` bitwise."""
     model: dict = field(default_factory=lambda: TINY.model_dump())
+    first_step: int = 0
+    """Train on the global batches from this step on (a resumed run)."""
+    load_dir: str | None = None
+    """Restore model and optimizer from this DCP checkpoint before training."""
+    save_dir: str | None = None
+    """Save model and optimizer to this DCP checkpoint after training."""
 
 
 def batches(job: Job) -> list[torch.Tensor]:
@@ -51,10 +59,10 @@ def batches(job: Job) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(job.seed + 1)
     steps = torch.arange(job.seq_len + 1)
     out = []
-    for _ in range(job.steps):  # learnable: each next token follows from the one before
+    for _ in range(job.first_step + job.steps):  # learnable: each token follows from the last
         start = torch.randint(0, VOCAB, (job.global_batch, 1), generator=g)
         out.append((start + 7 * steps) % VOCAB)
-    return out
+    return out[job.first_step :]
 
 
 def full_state(model: GPT) -> dict[str, torch.Tensor]:
@@ -65,9 +73,20 @@ def full_state(model: GPT) -> dict[str, torch.Tensor]:
     }
 
 
+def checkpoint_states(model: GPT, optimizer: torch.optim.Optimizer) -> dict:
+    """What the FSDP strategy writes through DCP: model and optimizer, q/k/v as views."""
+    return tensor_parallel.checkpoint_states(
+        {"model": ModelState(model), "optimizer": OptimizerState(model, optimizer)}
+    )
+
+
 def train(model: GPT, job: Job, rank: int, slices: int) -> dict[str, list[float]]:
-    """`job.steps` AdamW steps with clipping; per-step global loss, grad norm and step time."""
+    """`job.steps` AdamW steps with clipping; per-step global loss, grad norm and step time.
+
+    Loads `job.load_dir` first and saves `job.save_dir` after, when set (DCP, any layout)."""
     optimizer = torch.optim.AdamW(model.param_groups(0.1), lr=3e-3)
+    if job.load_dir is not None:
+        dcp.load(checkpoint_states(model, optimizer), checkpoint_id=job.load_dir)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     out: dict[str, list[float]] = {"loss": [], "grad_norm": [], "seconds": []}
     for batch in batches(job):
@@ -88,6 +107,8 @@ def train(model: GPT, job: Job, rank: int, slices: int) -> dict[str, list[float]
             reported /= dist.get_world_size()  # tensor-parallel ranks hold the same loss
         out["loss"].append(float(reported))
         out["grad_norm"].append(float(norm))
+    if job.save_dir is not None:
+        dcp.save(checkpoint_states(model, optimizer), checkpoint_id=job.save_dir)
     return out
 
 
@@ -102,44 +123,48 @@ def single(job: Job) -> dict[str, list[float]]:
     return train(model, job, 0, 1)
 
 
-def _worker(rank: int, job: Job, init_file: str, out_dir: str) -> None:
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+def run_layout(job: Job, rank: int) -> dict:
+    """Build, lay out and train `job`'s model on this rank (inside an initialised group)."""
+    mesh = build_mesh("cpu", job.world_size, job.tensor_parallel)
+    config = ModelConfig(**job.model)
+    torch.manual_seed(job.seed)
+    if job.meta_init:
+        model = build_sharded(config, VOCAB, mesh, torch.device("cpu"))
+    else:
+        model = parallelize(GPT(config, VOCAB), mesh)
+    result: dict = {}
+    if job.compare_init:
+        got = full_state(model)
+        if rank == 0:
+            torch.manual_seed(job.seed)
+            want = GPT(config, VOCAB).state_dict()
+            result["init_equal"] = {k: torch.equal(got[k], want[k]) for k in got}
+            result["tied"] = model.lm_head.weight is model.wte.weight
+    piece = data_slice(mesh)
+    result.update(train(model, job, piece.rank, piece.world_size))
+    return result
+
+
+def _worker(rank: int, jobs: list[Job], init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=job.world_size
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=jobs[0].world_size
     )
     try:
-        mesh = build_mesh("cpu", job.world_size, job.tensor_parallel)
-        config = ModelConfig(**job.model)
-        torch.manual_seed(job.seed)
-        if job.meta_init:
-            model = build_sharded(config, VOCAB, mesh, torch.device("cpu"))
-        else:
-            model = parallelize(GPT(config, VOCAB), mesh)
-        result: dict = {}
-        if job.compare_init:
-            got = full_state(model)
-            if rank == 0:
-                torch.manual_seed(job.seed)
-                want = GPT(config, VOCAB).state_dict()
-                result["init_equal"] = {k: torch.equal(got[k], want[k]) for k in got}
-                result["tied"] = model.lm_head.weight is model.wte.weight
-        piece = data_slice(mesh)
-        result.update(train(model, job, piece.rank, piece.world_size))
+        results = [run_layout(job, rank) for job in jobs]
         if rank == 0:
-            Path(out_dir, "result.json").write_text(json.dumps(result))
+            Path(out_dir, "result.json").write_text(json.dumps(results))
     finally:
         dist.destroy_process_group()
 
 
-def spawn(job: Job, tmp: Path) -> dict:
-    """Run `job` on `job.world_size` gloo ranks (spawned processes); rank 0's result."""
+def spawn(jobs: list[Job], tmp: Path) -> list[dict]:
+    """Run `jobs` one after the other on the same spawned gloo ranks (one start-up for all:
+    they must share a world size); rank 0's results in order."""
+    if len({job.world_size for job in jobs}) != 1:
+        raise ValueError("jobs spawned together must share a world size")
     tmp.mkdir(parents=True, exist_ok=True)
     init_file = tmp / "rendezvous"
     init_file.unlink(missing_ok=True)
-    mp.spawn(_worker, args=(job, str(init_file), str(tmp)), nprocs=job.world_size, join=True)
+    mp.spawn(_worker, args=(jobs, str(init_file), str(tmp)), nprocs=jobs[0].world_size, join=True)
     return json.loads((tmp / "result.json").read_text())
-
-
-def job_dict(job: Job) -> dict:
-    return asdict(job)
