@@ -17,7 +17,7 @@ Nothing here knows the trainer: `apply_fsdp` returns the model it was given, now
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -30,7 +30,6 @@ from torch.distributed.fsdp import (
 )
 from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 from torch.distributed.tensor import DTensor, Shard
-from torch.distributed.tensor.placement_types import _StridedShard
 
 from pipeline.errors import ConfigError
 from pipeline.model import GPT
@@ -76,7 +75,7 @@ def apply_fsdp(
         "mesh": mesh,
         "mp_policy": policy,
         "offload_policy": offload,
-        "shard_placement_fn": _shard_placement,
+        "shard_placement_fn": fused_qkv_on_dim1(model),
     }
     for block in model.h:
         fully_shard(block, reshard_after_forward=reshard_after_forward, **options)
@@ -85,13 +84,20 @@ def apply_fsdp(
     return model
 
 
-def _shard_placement(param: nn.Parameter) -> Shard | None:
-    """FSDP's dimension for `param`: dim 0 (the default) unless tensor parallelism already
-    split dim 0 in strides (the fused q/k/v projection), whose rows FSDP cannot split again
-    consistently; those are sharded over the data axis on their input dimension instead."""
-    if isinstance(param, DTensor) and any(isinstance(p, _StridedShard) for p in param.placements):
-        return Shard(1)
-    return None
+def fused_qkv_on_dim1(model: GPT) -> Callable[[nn.Parameter], Shard | None]:
+    """FSDP's shard dimension per parameter: dim 0 (the default), except the fused [q; k; v]
+    matrices, sharded on their input dimension (`Shard(1)`).
+
+    Tensor parallelism splits their rows in strides (q_r, k_r, v_r), which FSDP cannot split
+    again consistently; and checkpoints store them as `(3, inner, d)` views
+    (`tensor_parallel.qkv_view`), which a row split of the fused matrix does not map onto.
+    """
+    fused = {id(block.attn.c_attn.weight) for block in model.h}
+
+    def placement(param: nn.Parameter) -> Shard | None:
+        return Shard(1) if id(param) in fused else None
+
+    return placement
 
 
 def sharded_grad_scaler(device: torch.device) -> ShardedGradScaler:

@@ -16,7 +16,8 @@ Within a tensor-parallel group every rank sees the same tokens and holds a slice
 
 Checkpoint keys and full tensors are unchanged (`full_tensor()` gives today's [q; k; v] layout).
 The state dict of `c_attn` is not a contiguous block per rank, which
-`torch.distributed.checkpoint` cannot write as is; see `tensor_parallel.checkpoint_view`.
+`torch.distributed.checkpoint` cannot write as is; checkpoints store it as a `(3, inner, d)`
+view in every layout (`qkv_view`, `checkpoint_states`).
 
 Sequence parallelism for the norms is not applied (activations stay replicated between blocks):
 on CPU and at the sizes tested it only adds collectives; see bench/NOTES.md.
@@ -143,9 +144,85 @@ def apply_tensor_parallel(model: GPT, tp_mesh: DeviceMesh) -> GPT:
     return model
 
 
-def tensor_parallel_placement_ok(param: nn.Parameter) -> bool:
-    """Whether a parameter's placements are plain blocks (`Shard`/`Replicate`) that
-    `torch.distributed.checkpoint` can write as they are (`_StridedShard` is not)."""
-    if not isinstance(param, DTensor):
-        return True
-    return all(type(p) in (Shard, Replicate) for p in param.placements)
+QKV_WEIGHT = "attn.c_attn.weight"
+"""Parameters whose rows are [q; k; v] (state-dict keys end with this)."""
+
+
+def qkv_view(value: Any) -> Any:
+    """A fused [q; k; v] matrix `(3 * inner, d)` as `(3, inner, d)`, sharing its storage.
+
+    Tensor parallelism holds q_r, k_r and v_r on rank r (`_StridedShard`): three row blocks of
+    the fused matrix, which `torch.distributed.checkpoint` cannot write as one chunk. As
+    `(3, inner, d)` the same shard is one block (`Shard(1)`), so checkpoints store this view
+    in every layout (one device, FSDP, FSDP x TP) and reshard between them. FSDP shards these
+    matrices on their input dimension (`Shard(1)` -> `Shard(2)` here) for the same reason.
+    """
+    if isinstance(value, DTensor):
+        local = value.to_local()
+        rows, cols = value.shape
+        placements = [_viewed_placement(p) for p in value.placements]
+        view = local.view(3, local.shape[0] // 3, local.shape[1])
+        return DTensor.from_local(
+            view,
+            value.device_mesh,
+            placements,
+            run_check=False,
+            shape=torch.Size((3, rows // 3, cols)),
+            stride=(rows // 3 * cols, cols, 1),
+        )
+    if isinstance(value, torch.Tensor) and value.dim() == 2:
+        return value.view(3, value.shape[0] // 3, value.shape[1])
+    return value
+
+
+def _viewed_placement(placement: Any) -> Any:
+    if isinstance(placement, _StridedShard) and placement.dim == 0:
+        return Shard(1)
+    if type(placement) is Shard and placement.dim == 1:
+        return Shard(2)
+    if isinstance(placement, Replicate):
+        return placement
+    raise ValueError(f"no (3, inner, d) view of a fused q/k/v matrix placed as {placement}")
+
+
+def _with_qkv_views(state: Any) -> Any:
+    """`state` (a model or optimizer state dict) with every fused q/k/v tensor as `qkv_view`."""
+    if not isinstance(state, dict):
+        return state
+    out = {}
+    for key, value in state.items():
+        if isinstance(key, str) and key.endswith(QKV_WEIGHT):
+            out[key] = (
+                {k: qkv_view(v) for k, v in value.items()}
+                if isinstance(value, dict)
+                else qkv_view(value)
+            )
+        else:
+            out[key] = _with_qkv_views(value)
+    return out
+
+
+class QKVViewState:
+    """A DCP `Stateful` (model or optimizer state) whose fused q/k/v tensors are stored as
+    `(3, inner, d)` views: the checkpoint key layout is the same for every parallel layout.
+
+    DCP loads into the views in place (they share storage with the state dict's tensors), so
+    `load_state_dict` hands the original state dict to the wrapped state.
+    """
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self._original: dict[str, Any] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        self._original = self.inner.state_dict()
+        return _with_qkv_views(self._original)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        assert self._original is not None, "state_dict() is taken before a load"
+        self.inner.load_state_dict(self._original)
+
+
+def checkpoint_states(states: dict[str, Any]) -> dict[str, Any]:
+    """Wrap each named state (model, optimizer) in `QKVViewState`."""
+    return {name: QKVViewState(state) for name, state in states.items()}
