@@ -5,9 +5,9 @@
 
 Each kill is followed by `stages/train.py --resume_from_checkpoint latest` (a fresh start when
 no checkpoint exists yet). The final weights and optimizer state are compared bit for bit with
-an uninterrupted run of the same config. How kills are aimed is described in `pipeline/chaos.py`.
-Prints every fault, the restarts, and whether the result matched. Exit code 0 when it matched,
-1 when it did not.
+an uninterrupted run of the same config. How kills are aimed is described in
+`bench/chaos_loop/__init__.py`. Prints every fault, the restarts, and whether the result
+matched. Exit code 0 when it matched, 1 when it did not.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
-from pipeline.chaos import TINY_OVERRIDES, run_chaos
+from chaos_loop import TINY_OVERRIDES, run_chaos  # bench/chaos_loop/, beside this file
+
 from pipeline.data.prepared import META_FILE
 
 

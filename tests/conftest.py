@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.chaos import set_args as set_args  # `--set key=value` flags (one version)
-
 REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.append(str(REPO_ROOT / "bench"))  # the kill-loop harness `chaos_loop` lives there
+
+from chaos_loop import set_args as set_args  # noqa: E402  `--set key=value` flags (one version)
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")

@@ -1,4 +1,4 @@
-"""The kill loop of `pipeline/chaos.py` (also `bench/chaos.py`): 20 SIGKILLs, 20 resumes.
+"""The kill loop of `bench/chaos_loop/` (also `bench/chaos.py`): 20 SIGKILLs, 20 resumes.
 
 Every kill is followed by `stages/train.py --resume_from_checkpoint latest` (afresh when no
 checkpoint exists yet). Some kills are aimed inside checkpoint writes. The run that was killed
@@ -9,9 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from chaos_loop import run_chaos
 from conftest import tiny_overrides
-
-from pipeline.chaos import run_chaos
 
 
 def test_twenty_kills_and_resumes_end_bitwise_identical(prepared_dir: Path, tmp_path: Path) -> None:

@@ -167,6 +167,8 @@ def test_params_yaml_launches_deepspeed_zero1_fp32_and_auto_resumes(
 
     4 steps, then params raised to 8: `--resume_from_checkpoint auto` continues the same run
     (the schedule is fixed by decay_tokens). ZeRO-1 in fp32 matches one process without DeepSpeed.
+    `distributed.strategy` is left at `auto`: the MLflow run is tagged with the strategy that
+    ran (deepspeed), not the one `auto` means without a DeepSpeed config (ddp).
     """
     run_dir = tmp_path / "run"
     params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
@@ -181,6 +183,8 @@ def test_params_yaml_launches_deepspeed_zero1_fp32_and_auto_resumes(
         "backend": "gloo",
         "deepspeed_config": ZERO1,
     }
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    params["tracking"].update(enabled=True, uri=store, experiment="ds", log_checkpoints="none")
     command = [sys.executable, str(REPO_ROOT / "stages" / "train.py")]
     command += ["--resume_from_checkpoint", "auto"]
     run = dict(cwd=tmp_path, env=_plain_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -198,13 +202,23 @@ def test_params_yaml_launches_deepspeed_zero1_fp32_and_auto_resumes(
     }
     reference = tmp_path / "reference"
     single = load_config(
-        params_file=tmp_path / "params.yaml", overrides={"output_dir": str(reference)}
+        params_file=tmp_path / "params.yaml",
+        overrides={"output_dir": str(reference), "tracking.enabled": False},
     )
     train(single, console=False)  # one process, no DeepSpeed (the strategy defaults to single)
     got, want = _curve(run_dir), _curve(reference)
     assert sorted(got) == sorted(want) == list(range(1, 9))
     for step in want:
         assert float(got[step]) == pytest.approx(float(want[step]), rel=1e-5), step
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(store)
+    runs = client.search_runs([client.get_experiment_by_name("ds").experiment_id])
+    tags = [
+        (r.data.tags["distributed.strategy"], r.data.tags["distributed.world_size"]) for r in runs
+    ]
+    assert tags and set(tags) == {("deepspeed", "2")}, tags
 
 
 def test_zero_stages_and_precisions_resume_exactly_in_one_launch(

@@ -14,7 +14,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.data.formats import (
+from pipeline.data.pieces import (
     TEXT_FIELD_SETTING,
     Piece,
     RawDocument,

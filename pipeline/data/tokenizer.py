@@ -32,6 +32,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 
 from pipeline.config.schema import DataConfig
+from pipeline.data.prepared import load_meta
 from pipeline.errors import ConfigError, DataError
 
 logger = logging.getLogger("pipeline.prepare")
@@ -404,9 +405,6 @@ def open_tokenizer(kind: str, folder: str | Path) -> Tokenizer:
 
 def load_tokenizer(prepared_dir: str | Path) -> Tokenizer:
     """The tokenizer of a prepared folder, checked against its meta.json."""
-    # Imported here: prepare builds tokenizers, so a module-level import would be circular.
-    from pipeline.data.prepare import load_meta
-
     meta = load_meta(prepared_dir)
     tokenizer = open_tokenizer(meta.tokenizer.kind, prepared_dir)
     if (tokenizer.vocab_size, tokenizer.eot_id) != (meta.vocab_size, meta.eot_id):

@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
+BENCH = REPO_ROOT / "bench"
+"""Where this package lives: the children import it from there (`-c "from chaos_loop..."`)."""
 STAGE = REPO_ROOT / "stages" / "train.py"
 
 EVENTS_PER_SAVE = 24

@@ -1,5 +1,8 @@
 """The kill loop: SIGKILL a training run again and again, resume it each time, lose nothing.
 
+A test harness, not part of the library: it lives under bench/ and is imported as `chaos_loop`
+(bench/ on the path: `python bench/chaos.py` puts it there, tests/conftest.py appends it).
+
 `run_chaos` trains one config twice, each run in its own processes (`stages/train.py`, the
 command DVC runs):
 - a reference run, uninterrupted;
@@ -30,7 +33,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.chaos.child import (
+from chaos_loop.child import (
     EVENTS_PER_SAVE,
     FAULT_EVENTS,
     REPO_ROOT,
@@ -38,10 +41,10 @@ from pipeline.chaos.child import (
     install_fault,
     run_stage_with_fault,
 )
-from pipeline.chaos.loop import KILL_WINDOW_S, run_chaos
-from pipeline.chaos.process import child_env, set_args
-from pipeline.chaos.report import ChaosError, ChaosReport, Kill
-from pipeline.chaos.state import has_checkpoint, leftovers
+from chaos_loop.loop import KILL_WINDOW_S, run_chaos
+from chaos_loop.process import child_env, set_args
+from chaos_loop.report import ChaosError, ChaosReport, Kill
+from chaos_loop.state import has_checkpoint, leftovers
 
 TINY_OVERRIDES: dict[str, Any] = {
     "model.n_layer": 2,

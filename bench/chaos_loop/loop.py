@@ -11,15 +11,15 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from pipeline.chaos.child import EVENTS_PER_SAVE, STAGE
-from pipeline.chaos.process import _STARTED_RE, _Child, child_env, set_args
-from pipeline.chaos.report import ChaosError, ChaosReport, Kill, _num
-from pipeline.chaos.state import _differences, _final_state, has_checkpoint, leftovers
+from chaos_loop.child import EVENTS_PER_SAVE, STAGE
+from chaos_loop.process import _STARTED_RE, _Child, child_env, set_args
+from chaos_loop.report import ChaosError, ChaosReport, Kill, _num
+from chaos_loop.state import _differences, _final_state, has_checkpoint, leftovers
 
 KILL_WINDOW_S = 0.02
 """A random kill lands up to this long after the progress line it waits for (about 2 steps)."""
 _CHILD_CODE = (
-    "import sys; from pipeline.chaos.child import run_stage_with_fault; run_stage_with_fault()"
+    "import sys; from chaos_loop.child import run_stage_with_fault; run_stage_with_fault()"
 )
 
 

@@ -10,8 +10,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pipeline.chaos.child import REPO_ROOT
-from pipeline.chaos.report import ChaosError
+from chaos_loop.child import BENCH, REPO_ROOT
+from chaos_loop.report import ChaosError
 
 _STARTED_RE = re.compile(r" from step (\d+) to ")
 _STEP_RE = re.compile(r" step (\d+): loss ")
@@ -33,7 +33,8 @@ def set_args(overrides: Mapping[str, Any]) -> list[str]:
 
 
 def child_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
-    """One intra-op thread per child (same arithmetic in every run), the repo importable."""
+    """One intra-op thread per child (same arithmetic in every run), the repo and this
+    harness (under bench/) importable."""
     env = dict(os.environ if base is None else base)
     env.update(
         OMP_NUM_THREADS="1",
@@ -42,7 +43,8 @@ def child_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
         MLFLOW_DISABLE_TELEMETRY="true",
         DVC_NO_ANALYTICS="1",
     )
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    paths = [str(REPO_ROOT), str(BENCH), env.get("PYTHONPATH")]
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, paths))
     return env
 
 
