@@ -56,8 +56,14 @@ def test_175b_is_planned_without_building_the_model() -> None:
     assert result.parameters == pytest.approx(175e9, rel=0.01)
     zero3 = next(row for row in result.rows if row.setup.name == "ZeRO-3")
     assert zero3.model_states < 8 * GIB  # 18 B/param over 1024 GPUs + the largest layer
-    # Sharded it fits an 80 GiB GPU with checkpointing, but this trainer builds it whole first.
+    # Sharded it fits an 80 GiB GPU with checkpointing, but this trainer builds it whole first
+    # under DeepSpeed (no deepspeed.zero.Init yet); FSDP builds each rank's shards only.
     assert verdict(zero3, 80 * GIB, None) == "no (build)"
+    built_under_init = make_plan(_model("175B"), VOCAB, 1024, 8, 1, 2048, zero3_init=True)
+    zero3_init = next(row for row in built_under_init.rows if row.setup.name == "ZeRO-3")
+    assert zero3_init.build < 4 * GIB and verdict(zero3_init, 80 * GIB, None) in ("yes", "ckpt")
+    fsdp = next(row for row in result.rows if row.setup.name == "FSDP x TP 8")
+    assert fsdp.build < 10 * GIB and verdict(fsdp, 80 * GIB, None) == "yes"  # micro-batch 1
 
 
 def test_gradient_checkpointing_cuts_activations_and_changes_the_verdict() -> None:

@@ -1,12 +1,13 @@
-"""`gpt3 plan`: memory per GPU for a model size on N GPUs, which setups fit, and what it costs.
+"""`gpt3 plan`: memory per GPU for a model size on N GPUs, which setups fit, which one to use
+and why, and what it costs.
 
-    gpt3 plan --model_size 13B --gpus 16 [--zero 3 --offload cpu] [--gpu_memory 80]
-              [--tokens 300B --gpu H100 --mfu 0.45]
+    gpt3 plan --model_size 13B --gpus 16 [--zero 3 --offload cpu | --fsdp --tensor_parallel 2]
+              [--gpu_memory 80] [--tokens 300B --gpu H100 --mfu 0.45]
 
-Reads the model config (and the training config's micro-batch, sequence length and token
-budget); allocates nothing, so 175B plans in a second. See `pipeline/distributed/planner.py`
-for the memory formulas and `pipeline/distributed/cost.py` for FLOPs, GPU-hours and the
-`#SBATCH` request.
+Reads the model config (and the training config's micro-batch, sequence length, global batch and
+token budget); allocates nothing, so 175B plans in a second. See `pipeline/distributed/planner.py`
+(DDP and DeepSpeed rows), `planner_fsdp.py` (FSDP2 and tensor parallelism), `planner_advice.py`
+(the recommendation) and `cost.py` (FLOPs, GPU-hours and the `#SBATCH` request).
 """
 
 from __future__ import annotations
@@ -39,6 +40,14 @@ GPT2_VOCAB = 50257
 @click.option("--gpus", type=int, required=True, help="GPUs in the job.")
 @click.option("--gpus_per_node", type=int, help="GPUs per node [default: min(gpus, 8)].")
 @click.option("--zero", type=click.IntRange(0, 3), help="Mark this ZeRO stage (0 = plain DDP).")
+@click.option("--fsdp", is_flag=True, help="Mark the FSDP2 row (see --tensor_parallel).")
+@click.option(
+    "--tensor_parallel",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Mark the FSDP x TP row of this degree (implies --fsdp).",
+)
 @click.option("--offload", type=click.Choice(["none", "cpu"]), default="none", show_default=True)
 @click.option("--gpu_memory", type=float, default=80.0, show_default=True, help="GiB per GPU.")
 @click.option("--host_memory", type=float, help="GiB of host memory per node (to judge offload).")
@@ -81,6 +90,8 @@ def plan(
     gpus: int,
     gpus_per_node: int | None,
     zero: int | None,
+    fsdp: bool,
+    tensor_parallel: int,
     offload: str,
     gpu_memory: float,
     host_memory: float | None,
@@ -95,10 +106,12 @@ def plan(
     time_margin: float,
     cpus_per_gpu: int,
 ) -> int:
-    """Print parameters, memory per GPU, which setups fit, and the run's cost (nothing is
-    allocated)."""
+    """Print parameters, memory per GPU, which setups fit, the recommended one and why, and the
+    run's cost (nothing is allocated)."""
     from pipeline.distributed.cost import check_mfu, format_cost, gpu_peak_tflops, parse_tokens
     from pipeline.distributed.planner import GIB, find_setup, format_plan, make_plan
+    from pipeline.distributed.planner_advice import recommend
+    from pipeline.training.batching import global_batch_sequences
 
     token_count = parse_tokens(tokens) if tokens is not None else None
     gpu_kind, _ = gpu_peak_tflops(gpu_kind)
@@ -115,6 +128,11 @@ def plan(
         raise ConfigError("--offload cpu needs --zero 2 or 3 (DeepSpeed offloads ZeRO states)")
     if zero == 1 and offload == "cpu":
         raise ConfigError("--offload cpu with --zero 1: this planner offloads ZeRO-2/3 only")
+    if tensor_parallel < 1:
+        raise ConfigError(f"--tensor_parallel must be at least 1, got {tensor_parallel}")
+    fsdp = fsdp or tensor_parallel > 1
+    if fsdp and zero is not None:
+        raise ConfigError("--fsdp/--tensor_parallel and --zero name different setups; give one")
     overrides = {"training.micro_batch_size": micro_batch_size, "training.seq_len": seq_len}
     recipe = training_config or (
         DEFAULT_TRAINING_CONFIG if Path(DEFAULT_TRAINING_CONFIG).is_file() else None
@@ -144,16 +162,36 @@ def plan(
             cpus_per_gpu,
         )
     result = make_plan(
-        config.model, vocab, gpus, per_node, config.training.micro_batch_size, config.seq_len
+        config.model,
+        vocab,
+        gpus,
+        per_node,
+        config.training.micro_batch_size,
+        config.seq_len,
+        global_batch=global_batch_sequences(config.training, config.seq_len),
     )
-    chosen = None if zero is None else find_setup(zero or None, offload)
+    chosen = None
+    if fsdp:
+        chosen = find_setup(None, offload, fsdp=True, tensor_parallel=tensor_parallel)
+    elif zero is not None:
+        chosen = find_setup(zero or None, offload)
+    if chosen is not None and chosen not in (row.setup for row in result.rows):
+        planned = ", ".join(row.setup.name for row in result.rows if row.setup.fsdp)
+        raise ConfigError(
+            f"{chosen.name} is not planned for {gpus} GPU(s) in nodes of {per_node} "
+            f"(TP degrees divide the node, the heads and d_ff); planned: {planned}"
+        )
     host = int(host_memory * GIB) if host_memory is not None else None
-    click.echo(format_plan(result, int(gpu_memory * GIB), host, chosen))
+    gpu_bytes = int(gpu_memory * GIB)
+    click.echo(format_plan(result, gpu_bytes, host, chosen))
+    click.echo()
+    advice = recommend(result, gpu_bytes, host)
+    click.echo("\n".join(advice.lines))
     click.echo()
     if cost is None:
         click.echo("cost: pass --tokens (e.g. 300B) for FLOPs, GPU-hours and the sbatch request")
     else:
-        memory = _memory_line(result, int(gpu_memory * GIB), host, chosen)
+        memory = _memory_line(result, gpu_bytes, host, chosen)
         click.echo(format_cost(*cost, time_margin, memory))
     if deepspeed_table:
         from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs_all_cold
@@ -204,17 +242,17 @@ def _cost(
 
 
 def _memory_line(result: Plan, gpu_memory: int, host: int | None, chosen: Setup | None) -> str:
-    """The chosen setup's memory per GPU, else that of the first setup (least sharded) that fits."""
+    """The chosen setup's memory per GPU, else that of the recommended one."""
     from pipeline.distributed.planner import verdict
+    from pipeline.distributed.planner_advice import recommend
 
     if chosen is not None:
         row = next(row for row in result.rows if row.setup == chosen)
         return _row_memory(row, verdict(row, gpu_memory, host))
-    for row in result.rows:
-        fit = verdict(row, gpu_memory, host)
-        if fit in ("yes", "ckpt"):
-            return _row_memory(row, fit)
-    return "no setup fits (see the table)"
+    advice = recommend(result, gpu_memory, host)
+    if advice.row is None:
+        return "no setup fits (see the table)"
+    return _row_memory(advice.row, advice.fit)
 
 
 def _row_memory(row: Row, fit: str) -> str:
