@@ -146,7 +146,7 @@ def test_strategy_is_chosen_by_name(prepared_dir: Path, tmp_path: Path) -> None:
         (config(strategy="single"), "cannot train on 2 processes"),
         (config(strategy="ddp", deepspeed_config="x.json"), "contradicts distributed.strategy"),
         (config(strategy="deepspeed"), "needs a DeepSpeed JSON"),
-        (config(strategy="fsdp"), "fsdp is not implemented"),
+        (config(strategy="ddp", tensor_parallel=2), "tensor_parallel needs distributed.strategy"),
     ]:
         with pytest.raises(ConfigError, match=message):
             choose_strategy(bad, 2)

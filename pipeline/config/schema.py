@@ -217,6 +217,11 @@ class DistributedConfig(Section):
     num_nodes: int = Field(default=1, ge=1)
     gpus_per_node: int = Field(default=1, ge=1)
     deepspeed_config: str | None = None
+    tensor_parallel: int = Field(default=1, ge=1)
+    """fsdp only: ranks that split each layer (heads, MLP, vocabulary); the rest shard the
+    data axis. Must divide the world size."""
+    cpu_offload: bool = False
+    """fsdp only: keep the sharded parameters, gradients and optimizer step on the host."""
 
 
 SEED_MAX = 2**64 - 1

@@ -185,6 +185,7 @@ STRATEGIES: dict[str, str] = {
     "single": "pipeline.distributed.data_parallel:SingleDevice",
     "ddp": "pipeline.distributed.data_parallel:DataParallel",
     "deepspeed": "pipeline.distributed.deepspeed_engine:DeepSpeedStrategy",
+    "fsdp": "pipeline.distributed.fsdp_strategy:FSDPStrategy",
 }
 """Strategy name -> "module:class", imported on use (DeepSpeed takes seconds to import)."""
 
@@ -211,6 +212,9 @@ def choose_strategy(config: Config, world_size: int) -> str:
         raise ConfigError(
             f"distributed.strategy single cannot train on {world_size} processes; use ddp"
         )
+    if name != "fsdp" and (d.tensor_parallel > 1 or d.cpu_offload):
+        option = "tensor_parallel" if d.tensor_parallel > 1 else "cpu_offload"
+        raise ConfigError(f"distributed.{option} needs distributed.strategy fsdp, not {name}")
     return name
 
 

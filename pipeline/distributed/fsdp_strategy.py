@@ -1,0 +1,223 @@
+"""`distributed.strategy: fsdp`: FSDP2 over the data axis, tensor parallelism over `tp` ranks.
+
+The strategy lays the plain GPT out on a ("dp", "tp") mesh (`parallelize`), steps it through
+`MixedPrecision.unscale_clip_step` with a clip that reads sharded gradients, and checkpoints
+through the DCP store: each rank writes its own shards, and a checkpoint loads on another
+number of ranks or another layout (DCP reshards on load).
+
+Global batch. The trainer gives every rank its slice of the global batch (rank r of W takes
+the r-th 1/W, as for DDP). The ranks of one tensor-parallel group must compute on the same
+tokens, so the forward first gathers the group's slices (ranks of a group are adjacent, so
+their slices are too): each group trains on its contiguous 1/dp of the batch, the loss is that
+slice's mean (the same on every rank of the group) and FSDP averages gradients over the data
+axis. The update is the one one device makes on the whole batch.
+
+Precision is FSDP2's (`fsdp.mixed_precision_policy`: bf16/fp16 compute and fp32 gradient
+reduction), so no autocast runs around the forward; fp16 scales the loss with a sharded scaler
+whose overflow check is agreed by every rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+from pipeline.checkpoint.dcp_store import DCPStore, ModelState, OptimizerState
+from pipeline.checkpoint.store import LOOP_STATE
+from pipeline.config.schema import Config
+from pipeline.distributed.comm import Collective
+from pipeline.distributed.data_parallel import CollectiveStrategy, seed_rank
+from pipeline.distributed.fsdp import clip_grad_norm, sharded_grad_scaler
+from pipeline.distributed.mesh import build_mesh, data_slice
+from pipeline.distributed.parallelize import parallelize
+from pipeline.distributed.strategy import CompatibilityCheck, StepResult, Wrapped
+from pipeline.distributed.tensor_parallel import checkpoint_states
+from pipeline.errors import CheckpointError
+from pipeline.model import GPT
+from pipeline.training.components import compiled_forward, resolve_device, with_attention_backend
+from pipeline.training.precision import MixedPrecision
+
+
+class ShardedPrecision(MixedPrecision):
+    """FSDP2 casts parameters itself (`MixedPrecisionPolicy`): no autocast around the forward;
+    fp16 keeps a loss scaler whose overflow decision is shared by all ranks."""
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+
+class FSDPStrategy(CollectiveStrategy):
+    """FSDP2 (x tensor parallel): see the module docstring."""
+
+    name = "fsdp"
+
+    def __init__(self, comm: Collective | None = None, *, config: Config) -> None:
+        super().__init__(comm, config=config)
+        d = config.distributed
+        self.device = resolve_device(config.training.device)
+        self.mesh = build_mesh(self.device.type, self.world_size, d.tensor_parallel)
+        self.data = data_slice(self.mesh)
+        self.tp_group = self.mesh["tp"].get_group() if d.tensor_parallel > 1 else None
+        self.model: GPT | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.precision: ShardedPrecision | None = None
+        self.store: DCPStore | None = None
+
+    # ------------------------------------------------------------------------- the step
+    def wrap(
+        self, model: GPT, optimizer: torch.optim.Optimizer, precision: MixedPrecision
+    ) -> Wrapped:
+        """Shard `model` in place, rebuild the optimizer over the shards, compile as set."""
+        t, d = self.config.training, self.config.distributed
+        if t.compile and t.compile_scope == "blocks":
+            compiled_forward(model, t)  # each block compiled in place, before FSDP wraps it
+        parallelize(model, self.mesh, precision=t.precision, cpu_offload=d.cpu_offload)
+        # Every rank of a tensor-parallel group draws the same dropout masks (the activations
+        # are replicated there); data slices draw their own.
+        seed_rank(self.config.seed, self.data.rank)
+        self.model = model
+        self.optimizer = rebuild_optimizer(optimizer, model)
+        scaler = sharded_grad_scaler(self.device) if t.precision == "fp16" else None
+        self.precision = ShardedPrecision(t.precision, self.device.type, scaler)
+        whole = t.compile and t.compile_scope == "model"
+        forward: Callable[..., Any] = torch.compile(model) if whole else model
+        if self.tp_group is not None:
+            forward = gather_group_batch(forward, self.tp_group)
+        forward = with_attention_backend(forward, t.attention_backend)
+        return Wrapped(forward=forward, optimizer=self.optimizer, precision=self.precision)
+
+    def micro_step(self, last: bool) -> contextlib.AbstractContextManager:
+        """Gradients are reduce-scattered after every micro-batch (sharded accumulation: the
+        memory FSDP exists to save), so there is nothing to switch off."""
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        assert self.precision is not None, "wrap() first"
+        self.precision.scale(loss).backward()
+
+    def step(self) -> StepResult:
+        assert self.precision is not None and self.optimizer is not None, "wrap() first"
+        result = self.precision.unscale_clip_step(
+            self.optimizer, self.config.training.grad_clip, clip=clip_grad_norm
+        )
+        self.optimizer.zero_grad(set_to_none=True)
+        return result
+
+    # ----------------------------------------------------------------------- checkpoints
+    def checkpoint_store(self, directory: Path, keep: int) -> DCPStore:
+        self.store = DCPStore(
+            directory, keep, self.comm, async_save=self.config.training.async_checkpoint
+        )
+        return self.store
+
+    def _states(self, loop_state: dict[str, Any] | None) -> dict[str, Any]:
+        assert self.model is not None and self.optimizer is not None and self.precision
+        states = checkpoint_states(
+            {
+                "model": ModelState(self.model),
+                "optimizer": OptimizerState(self.model, self.optimizer),
+            }
+        )
+        states["scaler"] = self.precision
+        if loop_state is not None:
+            states[LOOP_STATE] = loop_state
+        return states
+
+    def save(self, loop_state: dict[str, Any], step: int) -> Path:
+        """Every rank writes its shards (in the background when training.async_checkpoint)."""
+        assert self.store is not None, "checkpoint_store() first"
+        return self.store.save_states(self._states(self.with_rank_rng(loop_state)), step)
+
+    def prepare_checkpoint_buffers(self, loop_state: dict[str, Any]) -> None:
+        """DCP's stager allocates its (pinned) buffers at the first save."""
+
+    def flush_checkpoints(self, collective: bool = True) -> None:
+        if self.store is None:
+            return
+        if collective:
+            self.store.flush()
+        else:
+            self.store.wait()
+
+    def load(self, which: str | Path, check: CompatibilityCheck) -> tuple[dict[str, Any], Path]:
+        """Rank 0 resolves and verifies `which`; every rank checks it fits, then loads its own
+        shards of it, resharded from whatever layout saved it."""
+        self.flush_checkpoints()
+        store = self.store
+        assert store is not None, "checkpoint_store() first"
+        path = self.main_only(lambda: store.resolve(which))
+        loop = store.inspect(path) if self.is_main else None
+        loop = self.comm.broadcast_object(loop)
+        check(loop, path)
+        try:
+            restored = store.restore_states(self._states(None), path)
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            if isinstance(exc, CheckpointError):
+                raise
+            raise CheckpointError(f"{path}: cannot restore it: {exc}") from exc
+        return restored, path
+
+    def export_model(self, model: GPT) -> GPT | None:
+        """The whole fp32 model on rank 0 (every rank takes part in gathering the shards)."""
+        assert self.model is not None
+        full = get_model_state_dict(
+            self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
+        if not self.is_main:
+            return None
+        with torch.device("meta"):
+            plain = GPT(self.model.config, self.model.vocab_size)
+        plain.to_empty(device="cpu")
+        plain.load_state_dict(full)
+        plain.tie_weights()
+        return plain
+
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
+
+
+def rebuild_optimizer(optimizer: torch.optim.Optimizer, model: GPT) -> torch.optim.Optimizer:
+    """The same optimizer class and settings over the model's (now sharded) parameters.
+
+    `fully_shard` replaces each Parameter by a DTensor one, so the optimizer built before it
+    points at tensors no longer trained; it has taken no step yet, so nothing is lost. Groups
+    are the model's own (decay on matrices), with the first group's weight decay.
+    """
+    if optimizer.state:
+        raise RuntimeError("rebuild_optimizer: the optimizer already holds state")
+    accepted = inspect.signature(type(optimizer).__init__).parameters
+    settings = {k: v for k, v in optimizer.defaults.items() if k in accepted and k != "params"}
+    settings.pop("weight_decay", None)
+    groups = model.param_groups(optimizer.param_groups[0]["weight_decay"])
+    return type(optimizer)(groups, **settings)
+
+
+def gather_group_batch(forward: Callable[..., Any], group: dist.ProcessGroup) -> Callable[..., Any]:
+    """`forward(idx, targets)` on the concatenated batches of the tensor-parallel group.
+
+    Ranks of a group are adjacent, so the concatenation (in rank order) is the group's
+    contiguous slice of the global batch; every rank of the group computes on all of it.
+    """
+    size = dist.get_world_size(group)
+
+    def gathered(idx: torch.Tensor, targets: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        parts = [_all_gather(idx, group, size)]
+        if targets is not None:
+            parts.append(_all_gather(targets, group, size))
+        return forward(*parts, **kwargs)
+
+    return gathered
+
+
+def _all_gather(tensor: torch.Tensor, group: dist.ProcessGroup, size: int) -> torch.Tensor:
+    out = [torch.empty_like(tensor) for _ in range(size)]
+    dist.all_gather(out, tensor.contiguous(), group=group)
+    return torch.cat(out, dim=0)
