@@ -103,72 +103,58 @@ def assert_same(a: object, b: object, where: str = "state") -> None:
         assert a == b, (where, a, b)
 
 
-def _worker(rank: int, world: int, init_file: str, directory: str, mode: str) -> None:
-    """One rank: `save` trains two steps saving after each; `load` restores `latest`."""
+def _worker(rank: int, world: int, init_file: str, directory: str) -> None:
+    """One FSDP2 rank: resume the 1-rank checkpoint, then train and save steps 2 and 3."""
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         comm = Collective(rank, world)
         store = DCPStore(Path(directory), keep=2, comm=comm)
-        out = Path(directory).parent
-        if mode == "save":
-            net, optimizer = build(seed=0, shard=True)
-            for step in (1, 2):
-                train_step(net, optimizer, seed=step)
-                store.save_states(states(net, optimizer, step), step)
-            store.flush()
-            expected = full(net, optimizer)
-            if rank == 0:
-                torch.save(expected, out / "saved_on_2.pt")
-        else:
-            net, optimizer = build(seed=99, shard=True)
-            train_step(net, optimizer, seed=99)  # optimizer state exists, and differs
-            path = comm.main_only(lambda: store.resolve("latest"))
-            loop = store.restore_states(states(net, optimizer, 0), path)
-            loaded = full(net, optimizer)
-            if rank == 0:
-                torch.save({"loaded": loaded, "loop": loop, "path": str(path)}, out / "on_2.pt")
+        net, optimizer = build(seed=99, shard=True)
+        train_step(net, optimizer, seed=99)  # optimizer state exists, and differs
+        path = comm.main_only(lambda: store.resolve("latest"))
+        loop = store.restore_states(states(net, optimizer, 0), path)
+        record = {"resumed": full(net, optimizer), "loop": loop, "path": str(path)}
+        for step in (2, 3):
+            train_step(net, optimizer, seed=step)
+            store.save_states(states(net, optimizer, step), step)
+            record[f"saved_{step}"] = full(net, optimizer)
+        record["flushed"] = str(store.flush())
+        if rank == 0:
+            torch.save(record, Path(directory).parent / "ranks.pt")
         store.close()
     finally:
         dist.destroy_process_group()
 
 
-def spawn(directory: Path, mode: str) -> None:
-    init_file = directory.parent / f"rendezvous-{mode}"
-    init_file.unlink(missing_ok=True)
-    mp.spawn(_worker, args=(2, str(init_file), str(directory), mode), nprocs=2, join=True)
-
-
-def test_sharded_save_on_2_ranks_loads_on_1_and_back_and_a_corrupt_shard_falls_back(
+def test_sharded_states_reshard_1_to_2_to_1_ranks_and_a_corrupt_shard_falls_back(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """1 rank (plain model, this process) -> 2 FSDP2 ranks (gloo) -> 1 rank, exactly."""
     directory = tmp_path / "checkpoints"
-    spawn(directory, "save")
-    assert sorted(p.name for p in directory.iterdir()) == [LATEST, "step_0000001", "step_0000002"]
-    assert (directory / LATEST).read_text() == "step_0000002\n"
-    saved = torch.load(tmp_path / "saved_on_2.pt", weights_only=True)
-
-    # 2 ranks -> 1: a plain model in this process gets the gathered tensors exactly.
     store = DCPStore(directory, keep=2)
-    path = store.resolve("latest")
-    assert path == directory / "step_0000002"
-    assert store.inspect(path) == {"step": 2, "note": "saved at 2"}
-    net, optimizer = build(seed=7, shard=False)
-    train_step(net, optimizer, seed=7)
-    loop = store.restore_states(states(net, optimizer, 0), path)
-    assert loop == {"step": 2, "note": "saved at 2"}
-    assert_same(full(net, optimizer), saved)
+    net, optimizer = build(seed=0, shard=False)
+    train_step(net, optimizer, seed=1)
+    store.save_states(states(net, optimizer, 1), 1)
+    assert store.wait() == directory / "step_0000001"
+    saved_here = full(net, optimizer)
 
-    # 1 rank -> 2: train on, save here, the 2 FSDP ranks load it exactly.
-    train_step(net, optimizer, seed=3)
-    store.save_states(states(net, optimizer, 3), 3)
-    assert store.wait() == directory / "step_0000003"
-    assert sorted(p.name for p in directory.glob("step_*")) == ["step_0000002", "step_0000003"]
-    here = full(net, optimizer)
-    spawn(directory, "load")
-    loaded = torch.load(tmp_path / "on_2.pt", weights_only=True)
-    assert loaded["path"] == str(directory / "step_0000003")
-    assert loaded["loop"] == {"step": 3, "note": "saved at 3"}
-    assert_same(loaded["loaded"], here)
+    init_file = tmp_path / "rendezvous"
+    mp.spawn(_worker, args=(2, str(init_file), str(directory)), nprocs=2, join=True)
+    ranks = torch.load(tmp_path / "ranks.pt", weights_only=True)
+    assert ranks["path"] == str(directory / "step_0000001")
+    assert ranks["loop"] == {"step": 1, "note": "saved at 1"}
+    assert_same(ranks["resumed"], saved_here)  # 1 -> 2
+    assert ranks["flushed"] == str(directory / "step_0000003")
+    assert sorted(p.name for p in directory.iterdir()) == [LATEST, "step_0000002", "step_0000003"]
+    assert (directory / LATEST).read_text() == "step_0000003\n"
+
+    # 2 -> 1: a plain model in this process gets the gathered tensors exactly.
+    path = store.resolve("latest")
+    assert path == directory / "step_0000003"
+    assert store.inspect(path) == {"step": 3, "note": "saved at 3"}
+    loop = store.restore_states(states(net, optimizer, 0), path)
+    assert loop == {"step": 3, "note": "saved at 3"}
+    assert_same(full(net, optimizer), ranks["saved_3"])
 
     # A flipped byte in a shard: refused by name; `latest` falls back to the previous one.
     shard = next((directory / "step_0000003").glob("*.distcp"))
@@ -181,7 +167,7 @@ def test_sharded_save_on_2_ranks_loads_on_1_and_back_and_a_corrupt_shard_falls_b
         assert store.resolve("latest") == directory / "step_0000002"
     assert "trying an older checkpoint" in caplog.text
     store.restore_states(states(net, optimizer, 0), directory / "step_0000002")
-    assert_same(full(net, optimizer), saved)
+    assert_same(full(net, optimizer), ranks["saved_2"])
 
 
 def test_the_write_runs_behind_training_and_publishes_atomically(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@ both ways), and the package's one atomic-write helper."""
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import torch
 from pipeline.checkpoint import (
     LATEST_NAME,
     CheckpointManager,
+    CorruptCheckpointError,
     SingleFileStore,
     Store,
     atomic_write,
@@ -92,3 +94,24 @@ def test_atomic_write_replaces_whole_or_not_at_all(tmp_path: Path) -> None:
     with pytest.raises(OSError):
         atomic_write(blocked, "text")  # os.replace cannot put a file over a folder
     assert sorted(os.listdir(tmp_path)) == ["a_folder", "latest"]  # no temporary file left
+
+
+def test_single_file_resolve_falls_back_by_checksum_without_loading(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = SingleFileStore(tmp_path, keep=3)
+    model, _ = _model_and_optimizer(0)
+    for step in (1, 2):
+        store.save_states({"model": model, "trainer": {"step": step}}, step)
+    assert store.resolve("latest") == store.path_for(2)
+    data = bytearray(store.path_for(2).read_bytes())  # `latest` is a hard link to it
+    data[-5] ^= 0xFF
+    store.path_for(2).write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING, logger="pipeline.checkpoint"):
+        assert store.resolve("latest") == store.path_for(1)
+        assert store.resolve(tmp_path) == store.path_for(1)  # a directory means its latest
+    assert "trying an older one" in caplog.text
+    with pytest.raises(CorruptCheckpointError, match=r"step_0000002\.pt is corrupt"):
+        store.resolve(2)
+    with pytest.raises(CheckpointError, match=r"no checkpoint step_0000007\.pt .*present: 1, 2"):
+        store.resolve(7)

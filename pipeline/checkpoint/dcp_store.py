@@ -213,6 +213,7 @@ class DCPStore(FolderCheckpoints):
         if failed:
             rank, text = failed[0]
             raise CheckpointError(f"rank {rank}: {text}")
+        self._written = self.comm.broadcast_object(self._written)  # rank 0 publishes
         return self._written
 
     def close(self) -> None:

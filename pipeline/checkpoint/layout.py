@@ -28,8 +28,9 @@ import logging
 import os
 import re
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 import torch
 
@@ -44,6 +45,7 @@ _STEP_RE = re.compile(r"^step_(\d+)\.pt$")
 _DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
 
 MapLocation = str | torch.device | dict[str, str] | None
+T = TypeVar("T")
 _PRIMITIVES = (str, int, float, bool, type(None))
 _TENSORS = (torch.Tensor, torch.nn.Parameter)
 _ALLOWED = (
@@ -224,18 +226,31 @@ def load_latest(directory: Path, map_location: MapLocation = "cpu") -> tuple[dic
     Returns the state and the step file loaded (or `latest_checkpoint.pt` when no step file is
     identical to it).
     """
+    return pick_latest(directory, lambda path: load_verified(path, map_location))
+
+
+def resolve_latest(directory: Path) -> Path:
+    """What `load_latest` would load, found by checksums alone (nothing is unpickled)."""
+    return pick_latest(directory, verify_checkpoint)[1]
+
+
+def pick_latest(directory: Path, read: Callable[[Path], T]) -> tuple[T, Path]:
+    """`read` `latest_checkpoint.pt`, else the newest step file it reads, with a warning.
+
+    `read` raises `CorruptCheckpointError` for a file to skip (any other error propagates).
+    """
     latest = directory / LATEST_NAME
     steps = list_step_files(directory)
     problems: list[str] = []
     if latest.exists():
         try:
-            state = load_verified(latest, map_location)
+            value = read(latest)
         except CorruptCheckpointError as exc:
             problems.append(str(exc))
             logger.warning("%s; falling back to the newest intact checkpoint in %s", exc, directory)
         else:
             target = latest_target(directory)
-            return state, target[1] if target else latest
+            return value, target[1] if target else latest
     elif steps:
         problems.append(f"{latest} is missing")
         logger.warning("%s is missing; falling back to the newest intact checkpoint", latest)
@@ -243,11 +258,11 @@ def load_latest(directory: Path, map_location: MapLocation = "cpu") -> tuple[dic
         raise CheckpointError(f"no checkpoint in {directory}")
     for _, path in reversed(steps):
         try:
-            state = load_verified(path, map_location)
+            value = read(path)
         except CorruptCheckpointError as exc:
             problems.append(str(exc))
             logger.warning("%s; trying an older one", exc)
             continue
         logger.warning("loaded %s instead of %s", path, latest)
-        return state, path
+        return value, path
     raise CheckpointError(f"no intact checkpoint in {directory}: " + "; ".join(problems))

@@ -19,7 +19,13 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from pipeline.checkpoint.async_writer import AsyncCheckpointWriter
-from pipeline.checkpoint.layout import MapLocation, load_verified
+from pipeline.checkpoint.layout import (
+    MapLocation,
+    checkpoint_directory,
+    load_verified,
+    resolve_latest,
+    verify_checkpoint,
+)
 from pipeline.checkpoint.manager import CheckpointManager
 from pipeline.errors import CheckpointError
 
@@ -106,8 +112,22 @@ class SingleFileStore(CheckpointManager):
         self.writer = AsyncCheckpointWriter(self) if async_write else None
 
     def resolve(self, which: str | int | Path = "latest") -> Path:
-        """The checkpoint file `which` names (verified when it is loaded: `inspect`)."""
-        _, path = self.load(which)
+        """The verified checkpoint file `which` names (as `load` would pick it, by checksums
+        alone: nothing is unpickled until `inspect` or `restore_states`)."""
+        if isinstance(which, str) and which == "latest":
+            return resolve_latest(self.directory)
+        if isinstance(which, int) or (isinstance(which, str) and which.isdigit()):
+            path = self.path_for(int(which))
+            if not path.exists():
+                have = ", ".join(str(step) for step, _ in self.list_checkpoints()) or "none"
+                raise CheckpointError(
+                    f"no checkpoint {path.name} in {self.directory} (steps present: {have})"
+                )
+        else:
+            path = Path(which)
+            if path.is_dir():
+                return resolve_latest(checkpoint_directory(path))
+        verify_checkpoint(path)
         return path
 
     def save_states(self, states: dict[str, Any], step: int) -> Path:
