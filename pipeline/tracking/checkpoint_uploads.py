@@ -30,8 +30,8 @@ import shutil
 from pathlib import Path
 
 from pipeline.checkpoint import LATEST_NAME, checksum_path, list_step_files
-from pipeline.checkpoint.deepspeed_store import LATEST as DEEPSPEED_LATEST
-from pipeline.checkpoint.deepspeed_store import complete_tag_dirs
+from pipeline.checkpoint.folders import LATEST as DEEPSPEED_LATEST
+from pipeline.checkpoint.folders import complete_tag_dirs
 from pipeline.tracking.mlflow_outbox import ArtifactOp
 
 logger = logging.getLogger("pipeline.tracking")
