@@ -125,6 +125,8 @@ def test_175b_on_1024_h100s_fits_as_tp8_within_nodes_x_fsdp_across_them() -> Non
     text = "\n".join(advice.lines)
     assert "TP 8 within each node x FSDP over 128 data-parallel ranks" in text
     assert "1536 sequences is not a multiple of 1024 data-parallel ranks" in text
+    assert "512 data-parallel ranks x micro-batch 4 (micro-batch 3 would split it)" in text
+    assert advice.lines[0] == "recommended: FSDP x TP 8, with gradient checkpointing"
     assert "ZeRO-1: 675.7 GiB per GPU even with gradient checkpointing" in text
 
 
@@ -197,7 +199,8 @@ def test_gpt3_plan_command_marks_fsdp_x_tp_and_refuses_unplanned_degrees() -> No
     assert result.exit_code == 0, result.output
     out = result.output
     assert re.search(r"^FSDP x TP 8 .* 3  ckpt$", out, re.M)
-    assert "recommended: FSDP x TP 8: TP 8 within each node x FSDP over 128" in out
+    assert "  layout  TP 8 within each node x FSDP over 128 data-parallel ranks" in out
+    assert "  batch   micro-batch 4 x 128 ranks x 3 accumulation step(s) = 1536" in out
     assert re.search(r"memory per GPU +\d+\.\d GiB, FSDP x TP 8 with gradient checkpointing", out)
     marked = runner.invoke(
         plan_command, ["--model_size", "13B", "--gpus", "16", "--tensor_parallel", "4"]

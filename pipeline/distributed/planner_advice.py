@@ -75,10 +75,16 @@ def rejection(
     if fit == "no (build)":
         return f"building needs {_gib(row.build)} GiB per GPU"
     if plan.global_batch is not None and plan.accumulation(row) is None:
-        return (
+        text = (
             f"the global batch of {plan.global_batch} sequences is not a multiple of "
             f"{row.data_parallel} data-parallel ranks x micro-batch {plan.micro_batch_size}"
         )
+        smaller = [
+            m
+            for m in range(plan.micro_batch_size - 1, 0, -1)
+            if plan.global_batch % (row.data_parallel * m) == 0
+        ]
+        return text + (f" (micro-batch {smaller[0]} would split it)" if smaller else "")
     if fit == "ckpt" and not allow_ckpt:
         return (
             f"fits only with gradient checkpointing ({_gib(row.with_checkpointing)} GiB; "
@@ -87,29 +93,31 @@ def rejection(
     return None
 
 
-def describe(plan: Plan, row: Row, fit: str, gpu_memory: int) -> str:
-    """One line: the layout in mesh terms, its memory per GPU, accumulation and build peak."""
+def describe(plan: Plan, row: Row, fit: str, gpu_memory: int) -> list[str]:
+    """The recommendation's lines: the setup, the layout in mesh terms, the batch split, and
+    the memory per GPU (and host, and the build peak)."""
     setup = row.setup
     nodes = plan.gpus // plan.gpus_per_node
+    ranks = f"{row.data_parallel} data-parallel ranks ({nodes} node(s) of {plan.gpus_per_node})"
     if setup.fsdp and setup.tensor_parallel > 1:
-        layout = (
-            f"TP {setup.tensor_parallel} within each node x FSDP over {row.data_parallel} "
-            f"data-parallel ranks ({nodes} node(s) of {plan.gpus_per_node})"
-        )
+        layout = f"TP {setup.tensor_parallel} within each node x FSDP over {ranks}"
+    elif setup.fsdp:
+        layout = f"FSDP over {ranks}"
     else:
-        layout = (
-            f"{row.data_parallel} data-parallel ranks ({nodes} node(s) of {plan.gpus_per_node})"
-        )
+        layout = ranks
     memory = row.with_activations if fit == "yes" else row.with_checkpointing
-    ckpt = "" if fit == "yes" else ", gradient checkpointing"
     accumulation = plan.accumulation(row)
-    steps = f", {accumulation} accumulation step(s)" if accumulation is not None else ""
+    batch = f"micro-batch {plan.micro_batch_size} x {row.data_parallel} ranks"
+    if accumulation is not None:
+        batch += f" x {accumulation} accumulation step(s) = {plan.global_batch} sequences"
     host = f", host {_gib(row.host_per_node)} GiB per node" if row.host_per_node else ""
-    return (
-        f"{setup.name}: {layout}; micro-batch {plan.micro_batch_size}{steps}{ckpt}: "
-        f"{_gib(memory)} of {_gib(gpu_memory)} GiB per GPU, build peak {_gib(row.build)} GiB"
-        f"{host}"
-    )
+    return [
+        f"recommended: {setup.name}" + ("" if fit == "yes" else ", with gradient checkpointing"),
+        f"  layout  {layout}",
+        f"  batch   {batch}",
+        f"  memory  {_gib(memory)} of {_gib(gpu_memory)} GiB per GPU (build peak "
+        f"{_gib(row.build)} GiB{host})",
+    ]
 
 
 def recommend(plan: Plan, gpu_memory: int, host_memory: int | None) -> Recommendation:
@@ -128,7 +136,7 @@ def recommend(plan: Plan, gpu_memory: int, host_memory: int | None) -> Recommend
                 reason = rejection(plan, row, gpu_memory, host_memory, allow_ckpt)
                 if reason is None:
                     fit = verdict(row, gpu_memory, host_memory)
-                    lines = [f"recommended: {describe(plan, row, fit, gpu_memory)}"]
+                    lines = describe(plan, row, fit, gpu_memory)
                     if passed or reasons:
                         lines.append("passed over first (least communication first):")
                         lines += passed + reasons
