@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import resource
+import signal
 from pathlib import Path
 
 import pytest
@@ -233,3 +235,36 @@ def test_a_checkpoint_of_another_layout_is_a_clear_error(tmp_path: Path) -> None
     with pytest.raises(TypeError, match=r"trainer.*object"):
         store.save_states({**states(net, optimizer, 1), "trainer": {"bad": object()}}, 1)
     assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
+
+
+def test_a_failed_background_write_is_raised_and_leaves_the_previous_checkpoint(
+    tmp_path: Path,
+) -> None:
+    """A file size limit (what a full disk looks like to `write`) fails the write in DCP's
+    thread; `wait` raises it, `latest` still names the previous checkpoint, and the next save
+    sweeps the unpublished folder."""
+    directory = tmp_path / "checkpoints"
+    store = DCPStore(directory, keep=3)
+    net, optimizer = build(seed=0, shard=False)
+    store.save_states(states(net, optimizer, 1), 1)
+    store.wait()
+    big = {"model": ModelState(torch.nn.Linear(512, 512)), "trainer": {"step": 2}}
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 18, hard))  # 1 MiB of weights do not fit
+    try:
+        store.save_states(big, 2)
+        with pytest.raises(
+            CheckpointError, match=r"writing a DCP checkpoint in .* failed .* untouched"
+        ):
+            store.wait()
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+    assert (directory / LATEST).read_text() == "step_0000001\n"
+    assert store.resolve("latest") == directory / "step_0000001"
+    assert store.temp_path_for(2).exists()  # unpublished, never listed
+    assert [step for step, _ in store.list_checkpoints()] == [1]
+    store.save_states(states(net, optimizer, 3), 3)
+    assert store.wait() == directory / "step_0000003"
+    assert not store.temp_path_for(2).exists()

@@ -41,6 +41,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -50,7 +51,9 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from pipeline.checkpoint.files import write_error
 from pipeline.checkpoint.folders import (
+    LATEST,
     FolderCheckpoints,
     folder_files,
     hash_and_sync,
@@ -193,11 +196,20 @@ class DCPStore(FolderCheckpoints):
             self._publisher = None
         if self._error is not None:
             failure, self._error = self._error, None
-        if failure is not None:
-            if isinstance(failure, CheckpointError):
-                raise failure
-            raise CheckpointError(f"writing a DCP checkpoint in {self.directory} failed: {failure}")
-        return self._written
+        if failure is None:
+            return self._written
+        if isinstance(failure, CheckpointError):
+            raise failure
+        cause = first_failure(failure)
+        if cause is None:
+            raise failure  # an interrupt stays an interrupt
+        if isinstance(cause, OSError):
+            raise write_error(cause, self.directory) from failure
+        raise CheckpointError(
+            f"writing a DCP checkpoint in {self.directory} failed ({type(cause).__name__}: "
+            f"{_first_line(cause)}; torch.save reports a full disk this way too); earlier "
+            f"checkpoints and {LATEST} are untouched"
+        ) from failure
 
     def flush(self) -> Path | None:
         """Every rank: `wait`; any rank's failure (rank 0's publishing) is raised on all."""
@@ -236,10 +248,28 @@ class DCPStore(FolderCheckpoints):
         sharded = {name: value for name, value in states.items() if name != LOOP_STATE}
         try:
             dcp.load(sharded, checkpoint_id=path, no_dist=not self._distributed)
-        except (KeyError, RuntimeError, ValueError) as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise CheckpointError(f"cannot restore DCP checkpoint {path}: {first[:300]}") from exc
+        except (CheckpointException, KeyError, RuntimeError, ValueError) as exc:
+            cause = first_failure(exc) or exc
+            raise CheckpointError(
+                f"cannot restore DCP checkpoint {path}: {type(cause).__name__}: "
+                f"{_first_line(cause)}"
+            ) from exc
         return read_loop_state(path)
+
+
+def first_failure(exc: BaseException) -> Exception | None:
+    """The error behind a failed DCP call: DCP reports every rank's error in one
+    `CheckpointException` (a BaseException); None for an interrupt or exit."""
+    if isinstance(exc, CheckpointException):
+        for _, (cause, _trace) in sorted(exc.failures.items()):
+            if isinstance(cause, Exception):
+                return cause
+        return None
+    return exc if isinstance(exc, Exception) else None
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [repr(exc)])[0][:300]
 
 
 def inspect_dcp_folder(path: Path) -> dict[str, Any]:
