@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from parallel_support import TINY, VOCAB, Job, single, spawn
+
 from pipeline.distributed.mesh import build_mesh
 from pipeline.distributed.tensor_parallel import check_tensor_parallel
 from pipeline.errors import ConfigError
@@ -81,3 +81,23 @@ def test_a_model_that_does_not_split_is_refused() -> None:
 def test_a_tensor_parallel_degree_that_does_not_divide_the_ranks_is_refused() -> None:
     with pytest.raises(ConfigError, match="tensor_parallel 3 does not divide the 4"):
         build_mesh("cpu", 4, 3)
+
+
+def test_a_single_device_optimizer_state_is_keyed_by_parameter_name() -> None:
+    """Resuming FSDP from a one-file checkpoint: positions map to the right parameters."""
+    from pipeline.distributed.fsdp_strategy import keyed_by_name
+
+    torch.manual_seed(0)
+    model = GPT(TINY, VOCAB)
+    optimizer = torch.optim.AdamW(model.param_groups(0.1), lr=1e-3)
+    _, loss = model(torch.randint(0, VOCAB, (2, 8)), torch.randint(0, VOCAB, (2, 8)))
+    loss.backward()
+    optimizer.step()
+    named = keyed_by_name(optimizer.state_dict(), model)
+    params = dict(model.named_parameters())
+    assert set(named["state"]) == set(params)
+    for name, state in named["state"].items():
+        assert torch.equal(state["exp_avg"], optimizer.state[params[name]]["exp_avg"]), name
+    assert [g["weight_decay"] for g in named["param_groups"]] == [0.1, 0.0]
+    with pytest.raises(ValueError, match="covers"):
+        keyed_by_name(optimizer.state_dict(), GPT(TINY.model_copy(update={"n_layer": 1}), VOCAB))

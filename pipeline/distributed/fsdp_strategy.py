@@ -27,15 +27,22 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 from pipeline.checkpoint.dcp_store import DCPStore, ModelState, OptimizerState
+from pipeline.checkpoint.layout import load_verified
 from pipeline.checkpoint.store import LOOP_STATE
 from pipeline.config.schema import Config
 from pipeline.distributed.comm import Collective
 from pipeline.distributed.data_parallel import CollectiveStrategy, seed_rank
 from pipeline.distributed.fsdp import clip_grad_norm, sharded_grad_scaler
 from pipeline.distributed.mesh import build_mesh, data_slice
+from pipeline.distributed.meta_init import materialize
 from pipeline.distributed.parallelize import parallelize
 from pipeline.distributed.strategy import CompatibilityCheck, StepResult, Wrapped
 from pipeline.distributed.tensor_parallel import checkpoint_states
@@ -74,11 +81,19 @@ class FSDPStrategy(CollectiveStrategy):
     def wrap(
         self, model: GPT, optimizer: torch.optim.Optimizer, precision: MixedPrecision
     ) -> Wrapped:
-        """Shard `model` in place, rebuild the optimizer over the shards, compile as set."""
+        """Shard `model` in place, rebuild the optimizer over the shards, compile as set.
+
+        `model` may be on the meta device (`build_components` builds it there for fsdp): its
+        shards are then allocated and initialised as today's build would (`meta_init`), from
+        the generator state the build left, so the weights equal a single-device run's.
+        """
         t, d = self.config.training, self.config.distributed
         if t.compile and t.compile_scope == "blocks":
             compiled_forward(model, t)  # each block compiled in place, before FSDP wraps it
         parallelize(model, self.mesh, precision=t.precision, cpu_offload=d.cpu_offload)
+        if any(p.is_meta for p in model.parameters()):  # built on meta: fill this rank's shards
+            host = torch.device("cpu") if d.cpu_offload else self.device
+            materialize(model, host, init_device=self.device)
         # Every rank of a tensor-parallel group draws the same dropout masks (the activations
         # are replicated there); data slices draw their own.
         seed_rank(self.config.seed, self.data.rank)
@@ -152,6 +167,8 @@ class FSDPStrategy(CollectiveStrategy):
         self.flush_checkpoints()
         store = self.store
         assert store is not None, "checkpoint_store() first"
+        if Path(which).suffix == ".pt":  # a single-device (or DDP) run's one-file checkpoint
+            return self._load_single_file(Path(which), check)
         path = self.main_only(lambda: store.resolve(which))
         loop = store.inspect(path) if self.is_main else None
         loop = self.comm.broadcast_object(loop)
@@ -163,6 +180,26 @@ class FSDPStrategy(CollectiveStrategy):
                 raise
             raise CheckpointError(f"{path}: cannot restore it: {exc}") from exc
         return restored, path
+
+    def _load_single_file(self, path: Path, check: CompatibilityCheck) -> tuple[dict, Path]:
+        """Resume from a `single`/`ddp` checkpoint file: every rank reads the whole (verified,
+        weights-only) file and keeps its own shards of the model and optimizer state."""
+        assert self.model is not None and self.optimizer is not None and self.precision
+        state = load_verified(path)
+        check(state, path)
+        missing = [key for key in ("model", "optimizer", "scaler") if key not in state]
+        if missing:
+            raise CheckpointError(f"{path}: not a full training checkpoint (no {missing})")
+        full = StateDictOptions(full_state_dict=True, strict=True)
+        try:
+            set_model_state_dict(self.model, state["model"], options=full)
+            optimizer = keyed_by_name(state["optimizer"], self.model)
+            set_optimizer_state_dict(self.model, self.optimizer, optimizer, options=full)
+            self.precision.load_state_dict(state["scaler"])
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise CheckpointError(f"{path}: cannot restore it: {first[:300]}") from exc
+        return state, path
 
     def export_model(self, model: GPT) -> GPT | None:
         """The whole fp32 model on rank 0 (every rank takes part in gathering the shards)."""
@@ -198,6 +235,27 @@ def rebuild_optimizer(optimizer: torch.optim.Optimizer, model: GPT) -> torch.opt
     settings.pop("weight_decay", None)
     groups = model.param_groups(optimizer.param_groups[0]["weight_decay"])
     return type(optimizer)(groups, **settings)
+
+
+def keyed_by_name(state: dict[str, Any], model: GPT) -> dict[str, Any]:
+    """A plain optimizer state dict (parameters by position) keyed by parameter name instead.
+
+    Positions follow `GPT.param_groups` (matrices, then vectors, each in `named_parameters`
+    order), which built the optimizer that saved it; names are what
+    `set_optimizer_state_dict` matches in any layout.
+    """
+    named = list(model.named_parameters())
+    order = [n for n, p in named if p.dim() >= 2] + [n for n, p in named if p.dim() < 2]
+    groups = state["param_groups"]
+    if sum(len(g["params"]) for g in groups) != len(order):
+        raise ValueError(
+            f"the optimizer state covers {sum(len(g['params']) for g in groups)} parameters, "
+            f"the model has {len(order)}"
+        )
+    return {
+        "state": {order[int(i)]: value for i, value in state["state"].items()},
+        "param_groups": [{**g, "params": [order[int(i)] for i in g["params"]]} for g in groups],
+    }
 
 
 def gather_group_batch(forward: Callable[..., Any], group: dist.ProcessGroup) -> Callable[..., Any]:

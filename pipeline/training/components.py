@@ -195,7 +195,10 @@ def build_components(config: Config) -> TrainingComponents:
         raise ConfigError("training.precision: bf16 is not supported on this GPU; use fp16")
     seed_everything(config.seed)
     # Built directly on the device: a 6.7B model initialised on the CPU first costs a minute.
-    with torch.device(device):
+    # fsdp builds on the meta device; its strategy materialises each rank's shards with these
+    # same values (pipeline.distributed.meta_init), so no rank ever holds the whole model.
+    sharded = config.distributed.strategy == "fsdp"
+    with torch.device("meta" if sharded else device):
         model = GPT(config.model, vocab_size)
     model.set_gradient_checkpointing(t.gradient_checkpointing, t.gradient_checkpointing_blocks)
     model.set_loss_chunking(t.loss_chunk_tokens)
