@@ -115,3 +115,15 @@ def test_single_file_resolve_falls_back_by_checksum_without_loading(
         store.resolve(2)
     with pytest.raises(CheckpointError, match=r"no checkpoint step_0000007\.pt .*present: 1, 2"):
         store.resolve(7)
+
+
+def test_the_deepspeed_store_takes_the_engine_and_the_loop_state_only(tmp_path: Path) -> None:
+    """DeepSpeed saves model, optimizer and scaler itself: named states other than the engine
+    and the loop state would be silently dropped, so they are refused before anything runs."""
+    store = DeepSpeedStore(tmp_path, keep=2)
+    model, optimizer = _model_and_optimizer(0)
+    with pytest.raises(TypeError, match=r"got keys \['engine', 'optimizer', 'trainer'\]"):
+        store.save_states({"engine": object(), "optimizer": optimizer, "trainer": {}}, 1)
+    with pytest.raises(TypeError, match=r"got keys \['model'\]"):
+        store.restore_states({"model": model}, tmp_path / "step_0000001")
+    assert not any(tmp_path.iterdir())
