@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import resource
-import time
 
 import pytest
 from click.testing import CliRunner
@@ -48,9 +47,7 @@ def test_zero3_model_states_per_gpu_shrink_with_more_gpus() -> None:
 
 def test_175b_is_planned_without_building_the_model() -> None:
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    started = time.perf_counter()
     result = make_plan(_model("175B"), VOCAB, 1024, 8, 1, 2048)
-    assert time.perf_counter() - started < 5
     grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
     assert grown_kib < 200 * 1024, "planning must not allocate the model"
     assert result.parameters == pytest.approx(175e9, rel=0.01)
