@@ -120,19 +120,20 @@ def main() -> None:
     args = parser.parse_args()
     args.model = yaml.safe_load(Path(args.model_config).read_text())["model"]
     args.model["n_ctx"] = max(args.model.get("n_ctx", args.seq), args.seq)
-    results = {}
-    for name in args.layouts.split(","):
-        layout = LAYOUTS[name]
-        results[name] = statistics.median(measure(layout, args))
-    base = results.get("single")
     tokens = args.batch * args.seq
     print(f"model {args.model['name']}, global batch {args.batch} x {args.seq} tokens, "
           f"median of {args.steps} steps, 1 thread per rank")  # fmt: skip
-    print(f"{'layout':<12}{'ranks':>6}{'step s':>10}{'tokens/s':>10}{'vs single':>11}")
-    for name, seconds in results.items():
+    print(f"{'layout':<12}{'ranks':>6}{'step s':>10}{'tokens/s':>10}{'vs single':>11}", flush=True)
+    base = None
+    for name in args.layouts.split(","):  # printed as measured: a slow layout shows the rest
+        layout = LAYOUTS[name]
+        seconds = statistics.median(measure(layout, args))
+        base = seconds if name == "single" else base
         ratio = f"{seconds / base:.2f}x" if base else "-"
-        ranks = LAYOUTS[name].world_size
-        print(f"{name:<12}{ranks:>6}{seconds:>10.4f}{tokens / seconds:>10.0f}{ratio:>11}")
+        print(
+            f"{name:<12}{layout.world_size:>6}{seconds:>10.4f}{tokens / seconds:>10.0f}{ratio:>11}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":
