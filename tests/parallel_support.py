@@ -46,6 +46,8 @@ class Job:
     compare_init: bool = False
     """Rank 0 checks the sharded model's full weights against `GPT(config)` bitwise."""
     model: dict = field(default_factory=lambda: TINY.model_dump())
+    gradient_checkpointing: bool = False
+    """Recompute each block's activations in backward (inside FSDP's hooks)."""
     first_step: int = 0
     """Train on the global batches from this step on (a resumed run)."""
     load_dir: str | None = None
@@ -132,6 +134,7 @@ def run_layout(job: Job, rank: int) -> dict:
         model = build_sharded(config, VOCAB, mesh, torch.device("cpu"))
     else:
         model = parallelize(GPT(config, VOCAB), mesh)
+    model.set_gradient_checkpointing(job.gradient_checkpointing)
     result: dict = {}
     if job.compare_init:
         got = full_state(model)
