@@ -610,7 +610,8 @@ def test_params_yaml_resolves_to_the_tiny_model_on_shakespeare_on_cpu(workdir: P
     assert config.data.source == "shakespeare"
     assert config.training.device == "cpu"
     assert config.training.precision == "fp32"
-    assert config.training.max_steps == 800
+    assert config.training.max_steps == 2800
+    assert (config.model.n_layer, config.training.global_batch_size) == (2, 8)
 
 
 @pytest.mark.parametrize("training", TRAINING_FILES, ids=lambda p: p.stem)
