@@ -16,6 +16,7 @@ import pytest
 import torch
 from conftest import set_args, tiny_overrides
 
+from pipeline.checkpoint.layout import checksum_path
 from pipeline.config.loader import load_config
 from pipeline.data.prepared import (
     ShardMeta,
@@ -330,12 +331,17 @@ def test_a_checkpoint_from_before_mixtures_resumes(prepared_dir: Path, tmp_path:
     half = Trainer(config)
     for _ in range(3):
         half.train_step()
-    state = half.state_dict()
-    state["sampler"] = {
+    saved = half.save_checkpoint()
+    half.strategy.flush_checkpoints()
+    state = torch.load(saved, weights_only=True)
+    state["sampler"] = {  # the sampler state a checkpoint from before mixtures holds
         k: state["sampler"][k] for k in ("cursor", "seed", "seq_len", "num_windows")
     }
+    old = tmp_path / "old.pt"
+    torch.save(state, old)
+    checksum_path(old).write_text(f"{file_sha256(old)}  {old.name}\n")
     resumed = Trainer(config)
-    resumed.load_state_dict(state, tmp_path / "old.pt")
+    resumed.resume(old)
     rest = [float(resumed.train_step()["train/loss"]) for _ in range(3)]
     assert [x.hex() for x in rest] == [x.hex() for x in losses[3:]]
 
