@@ -240,8 +240,10 @@ def test_model_size_replaces_the_params_model_file(workdir: Path) -> None:
     assert config.model.name == "1.3B"
     assert config.model.n_head == 16
     assert config.model.config == str(Path("configs/model_configs/1.3B.yaml"))
-    # params.yaml's own keys still beat the model file (training.lr is set there).
-    assert config.training.lr == pytest.approx(2e-3)
+    # params.yaml's own keys still beat the model file (training.lr and model.n_layer are
+    # set there): the precedence the README states.
+    assert config.training.lr == pytest.approx(3e-3)
+    assert config.model.n_layer == 2
 
 
 def test_model_size_picks_the_file_of_that_name(workdir: Path) -> None:
@@ -734,7 +736,7 @@ def test_flatten_config_keys_are_stable(workdir: Path) -> None:
     )
     small, large = flatten_config(small_config), flatten_config(large_config)
     assert list(small) == list(large)  # same keys, same order, whether batch_ramp is set or not
-    assert small["training.lr"] == pytest.approx(2e-3)
+    assert small["training.lr"] == pytest.approx(3e-3)
     assert small["training.batch_ramp.start_tokens"] is None
     assert large["training.batch_ramp.start_tokens"] == 32768
     for key, value in large.items():
