@@ -1,8 +1,10 @@
 """`distributed.strategy: fsdp` through `stages/train.py` on CPU (gloo), issue 19 items 3 and 5.
 
 Two ranks under FSDP2 train the single-process run's loss curve (same global batch, each rank
-its slice); the run's sharded checkpoint of step 4 then resumes on one rank and continues with
-the same losses (DCP reshards 2 -> 1), in a new output folder.
+its slice). Then both directions of "single device -> FSDP 2 and back", each in a new output
+folder: the sharded checkpoint of step 4 resumes as a plain single-device run (DCP gathers the
+shards into one model), and the single-device run's one-file checkpoint of step 4 resumes under
+FSDP on 2 ranks; both continue with the uninterrupted run's losses.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ def reference(prepared_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     return run_dir
 
 
-def test_fsdp_on_two_ranks_trains_as_one_and_resumes_on_one(
+def test_fsdp_on_two_ranks_trains_as_one_and_resumes_on_one_device_and_back(
     prepared_dir: Path, reference: Path, tmp_path: Path
 ) -> None:
     run_dir = tmp_path / "fsdp"
@@ -38,12 +40,18 @@ def test_fsdp_on_two_ranks_trains_as_one_and_resumes_on_one(
     assert_close_curves(curve(run_dir), curve(reference), rel=1e-5)
     step4 = run_dir / "checkpoints" / "step_0000004"
     assert (step4 / ".metadata").is_file() and len(list(step4.glob("__*_0.distcp"))) == 2
+    later = {s: v for s, v in curve(reference).items() if s > 4}
 
-    resumed_dir = tmp_path / "resumed"
-    one = ["--resume_from_checkpoint", str(step4)]
-    args = [*one, *set_args(tiny_overrides(prepared_dir, resumed_dir, FSDP))]
+    on_one_device = tmp_path / "single"  # strategy auto: one process, one plain model
+    overrides = tiny_overrides(prepared_dir, on_one_device)
+    train(load_config(overrides=overrides), console=False, resume=str(step4))
+    assert_close_curves(curve(on_one_device), later, rel=1e-5)
+    assert list((on_one_device / "checkpoints").glob("step_0000008.pt"))  # its own format
+
+    back_to_fsdp = tmp_path / "fsdp_again"
+    one_file = reference / "checkpoints" / "step_0000004.pt"
+    args = [*two, "--resume_from_checkpoint", str(one_file)]
+    args += set_args(tiny_overrides(prepared_dir, back_to_fsdp, FSDP))
     proc = run_stage(args, tmp_path, timeout=STAGE_TIMEOUT)
     assert proc.returncode == 0, proc.stdout
-    resumed = curve(resumed_dir)
-    assert sorted(resumed) == [5, 6, 7, 8]
-    assert_close_curves(resumed, {s: v for s, v in curve(run_dir).items() if s > 4}, rel=1e-5)
+    assert_close_curves(curve(back_to_fsdp), later, rel=1e-5)

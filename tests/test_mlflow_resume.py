@@ -26,6 +26,9 @@ from mlflow_support import MlflowServer, free_port, poll
 from pipeline.cli import run_command
 from pipeline.cli.train import train as train_command
 from pipeline.config.loader import load_config
+from pipeline.errors import CheckpointError
+from pipeline.training.components import build_components
+from pipeline.training.mlflow_checkpoint import fetch_checkpoint
 from pipeline.training.run import train
 
 mlflow = pytest.importorskip("mlflow")
@@ -194,8 +197,13 @@ def test_resume_an_interrupted_run_from_its_newest_checkpoint_in_the_same_run(
 
 
 def _train_deepspeed(run_dir: Path, prepared: Path, extra: dict, *flags: str) -> str:
-    command = [sys.executable, str(REPO_ROOT / "stages" / "train.py"), "--deepspeed_config",
-               ZERO2, "--distributed_backend", "gloo", *flags,
+    return _train_stage(run_dir, prepared, extra, "--deepspeed_config", ZERO2, *flags)
+
+
+def _train_stage(run_dir: Path, prepared: Path, extra: dict, *flags: str) -> str:
+    """`stages/train.py` as its own process (plain launch), gloo for any process group."""
+    command = [sys.executable, str(REPO_ROOT / "stages" / "train.py"),
+               "--distributed_backend", "gloo", *flags,
                *_sets(tiny_overrides(prepared, run_dir, extra))]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_TRACKING", "RANK"))}
     # DeepSpeed's compiled comm op, cached in the checkout (a relative setting made absolute:
@@ -241,6 +249,54 @@ def test_deepspeed_checkpoint_folders_are_logged_and_resume_exactly(
     child = client.get_run(_run_id(resumed))
     assert child.data.tags["resumed_from"] == run_id
     assert child.data.tags["resumed_from.artifact"] == "checkpoints/step_0000004"
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    with (run_dir / "plots" / "train_loss.csv").open() as handle:
+        rows = list(handle)[1:]
+    return {int(row.split(",")[0]): float(row.split(",")[1]) for row in rows}
+
+
+def test_sharded_checkpoint_folders_are_logged_and_resume_on_one_device(
+    server: MlflowServer, prepared_dir: Path, tmp_path: Path
+) -> None:
+    """An fsdp run's DCP folders go to MLflow whole; a plain one-device run resumes from the
+    logged step 4 (gathering the shards) and continues with the original's losses. DeepSpeed,
+    which cannot read DCP folders, is refused before anything is downloaded."""
+    original = tmp_path / "a" / "run"
+    original.parent.mkdir()
+    sharded = {"distributed.strategy": "fsdp", "tracking.log_checkpoints": "every"}
+    _train_stage(original, prepared_dir, _tracking(server, sharded))
+    run_id = _run_id(original)
+    client = MlflowClient(server.url)
+    listed = {item.path for item in client.list_artifacts(run_id, "checkpoints")}
+    assert {"checkpoints/step_0000004", "checkpoints/step_0000008", "checkpoints/latest"} <= listed
+    step4 = {
+        item.path.rsplit("/", 1)[1]
+        for item in client.list_artifacts(run_id, "checkpoints/step_0000004")
+    }
+    assert step4 == {p.name for p in (original / "checkpoints" / "step_0000004").iterdir()}
+    assert {".metadata", "trainer.pt", "checksums.sha256"} <= step4
+
+    resumed = tmp_path / "b" / "run"
+    uri = f"runs:/{run_id}/checkpoints/step_0000004"
+    config = load_config(overrides=tiny_overrides(prepared_dir, resumed, _tracking(server)))
+    train(config, resume=uri, console=False)
+    want = {step: loss for step, loss in _losses(original).items() if step > 4}
+    got = _losses(resumed)
+    assert sorted(got) == sorted(want)
+    assert all(got[s] == pytest.approx(want[s], rel=1e-5) for s in want), (got, want)
+    child = client.get_run(_run_id(resumed))
+    assert child.data.tags["resumed_from.artifact"] == "checkpoints/step_0000004"
+
+    parts = build_components(config)
+    newest = fetch_checkpoint(f"runs:/{run_id}", config, parts.vocab_size, parts.tokenizer_id,
+                              "single")  # fmt: skip
+    newest.cleanup()
+    assert newest.artifact == "checkpoints/step_0000008"  # no single file: the newest folder
+    for which in (f"runs:/{run_id}", uri):
+        with pytest.raises(CheckpointError, match="a sharded \\(DCP\\) folder"):
+            fetch_checkpoint(which, config, parts.vocab_size, parts.tokenizer_id, "deepspeed")
 
 
 def test_bad_sources_are_one_line_and_write_nothing(

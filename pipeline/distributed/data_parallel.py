@@ -21,9 +21,12 @@ from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.checkpoint import CheckpointManager
 from pipeline.checkpoint.async_writer import AsyncCheckpointWriter
+from pipeline.checkpoint.dcp_store import DCPStore, ModelState, OptimizerState, is_dcp_folder
+from pipeline.checkpoint.folders import complete_tag_dirs
 from pipeline.config.schema import Config
 from pipeline.distributed.comm import Collective
 from pipeline.distributed.strategy import CompatibilityCheck, StepResult, Wrapped
+from pipeline.distributed.tensor_parallel import checkpoint_states
 from pipeline.errors import CheckpointError
 from pipeline.model import GPT
 from pipeline.run_lock import RunLock
@@ -180,6 +183,9 @@ class SingleDevice(CollectiveStrategy):
         self.flush_checkpoints()
         store = self.store
         assert store is not None, "checkpoint_store() first"
+        sharded = sharded_checkpoint(Path(which))
+        if sharded is not None:
+            return self._load_sharded(sharded, check)
         loaded: dict[str, Any] = {}
 
         def resolve() -> Path:
@@ -191,6 +197,31 @@ class SingleDevice(CollectiveStrategy):
         check(state, path)
         self._restore_weights(state, path)
         return state, path
+
+    def _load_sharded(self, source: Path, check: CompatibilityCheck) -> tuple[dict, Path]:
+        """Resume from a sharded (`fsdp`, any layout) run's DCP folder: every rank reads the
+        whole model and optimizer state from the shards (DCP reshards to one plain copy).
+
+        The folder is verified (manifest checksums, restricted index) on rank 0 before any
+        shard is read; nothing is written into the source's directory.
+        """
+        assert self.model is not None and self.optimizer is not None and self.precision
+        reader = DCPStore(source.parent, keep=1, comm=self.comm, async_save=False)
+        try:
+            path = self.main_only(lambda: reader.resolve(source))
+            loop = self.comm.broadcast_object(reader.inspect(path) if self.is_main else None)
+            check(loop, path)
+            states = checkpoint_states(
+                {
+                    "model": ModelState(self.model),
+                    "optimizer": OptimizerState(self.model, self.optimizer),
+                }
+            )
+            states["scaler"] = self.precision
+            restored = reader.restore_states(states, path)
+        finally:
+            reader.close()
+        return restored, path
 
     def _restore_weights(self, state: dict[str, Any], source: Path) -> None:
         missing = [key for key in WEIGHT_STATES if key not in state]
@@ -243,6 +274,19 @@ class DataParallel(SingleDevice):
         """All-reduce on the last micro-batch only; the others accumulate locally (no_sync)."""
         assert self.module is not None, "wrap() first"
         return contextlib.nullcontext() if last else self.module.no_sync()
+
+
+def sharded_checkpoint(which: Path) -> Path | None:
+    """The DCP folder `which` names, if it names one: a `step_*` folder written by the fsdp
+    strategy, or a run's (checkpoints) directory whose `latest` is one. None otherwise (a
+    one-file checkpoint, `latest` of this run, or a step number: today's paths)."""
+    if is_dcp_folder(which):
+        return which
+    for directory in (which, which / "checkpoints"):
+        folders = complete_tag_dirs(directory)
+        if folders and is_dcp_folder(folders[-1][1]):
+            return directory
+    return None
 
 
 def seed_rank(seed: int, rank: int) -> None:

@@ -1,20 +1,23 @@
 """`--resume_from_checkpoint runs:/<run_id>[/<artifact path>]`: continue a run from MLflow.
 
 Which checkpoint (among the run's `checkpoints/` artifacts, see `tracking.checkpoint_uploads`):
-- `runs:/<id>` (or `runs:/<id>/checkpoints`): the newest the run logged: `latest_checkpoint.pt`
-  when it has one, else its highest `step_*.pt`; for DeepSpeed, the folder its `latest` file
-  names, else its highest `step_*/` folder;
-- `runs:/<id>/checkpoints/step_0000400.pt` or `.../step_0000400` (a DeepSpeed folder): that one;
+- `runs:/<id>` (or `runs:/<id>/checkpoints`): the newest the run logged, in the layout this
+  run's strategy prefers: a single file (`latest_checkpoint.pt` when it has one, else its
+  highest `step_*.pt`) for single and ddp; a folder (the one its `latest` file names, else its
+  highest complete `step_*/`) for deepspeed and fsdp. Layouts a strategy also reads are taken
+  when the preferred one was not logged: single/ddp read an fsdp run's sharded (DCP) folders,
+  fsdp reads single files; DeepSpeed reads only its own folders;
+- `runs:/<id>/checkpoints/step_0000400.pt` or `.../step_0000400` (a folder): that one;
 - a proxied `mlflow-artifacts:/.../<id>/artifacts/checkpoints/...` URI, as a shared server's UI
   shows it: the same as its `runs:/` form.
 
 Where the bytes go, and when:
 1. Before the run directory exists (rank 0): the run is looked up, the checkpoint downloaded
    into a new temporary folder (under $TMPDIR), verified against its checksum file (single
-   file) or manifest (DeepSpeed) before anything is unpickled, read weights-only (the same rules
-   as a local resume: `load_verified`, `inspect_tag_dir`) and checked against this run's model
-   shape, tokenizer and strategy. Any failure is one line and removes the temporary folder: the
-   run directory is never created.
+   file) or manifest (folders) before anything is unpickled, read weights-only (the same rules
+   as a local resume: `load_verified`, `inspect_tag_dir`, `inspect_dcp_folder`) and checked
+   against this run's model shape, tokenizer and strategy. Any failure is one line and removes
+   the temporary folder: the run directory is never created.
 2. Under the run lock: the verified files move to `<run_dir>/from-mlflow/<run_id>/<artifact
    path>` (a rename when $TMPDIR is on the run directory's filesystem, else a copy; set TMPDIR
    there for large checkpoints), and the resume loads them from there like a local checkpoint,
@@ -40,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from pipeline.checkpoint import CHECKSUM_SUFFIX, LATEST_NAME, load_verified
+from pipeline.checkpoint.dcp_store import METADATA, inspect_dcp_folder
 from pipeline.checkpoint.deepspeed_store import LATEST as DEEPSPEED_LATEST
 from pipeline.checkpoint.deepspeed_store import MANIFEST, inspect_tag_dir, is_tag_name
 from pipeline.config.schema import Config
@@ -54,6 +58,10 @@ logger = logging.getLogger("pipeline.train")
 DOWNLOAD_DIR = "from-mlflow"
 """`<run_dir>/from-mlflow/<run_id>/`: where a resume from MLflow keeps what it started from."""
 FINISHED = "FINISHED"
+
+FILE, DCP, DEEPSPEED = "a single-file checkpoint", "a sharded (DCP) folder", "a DeepSpeed folder"
+READS = {"deepspeed": (DEEPSPEED,), "fsdp": (DCP, FILE), "single": (FILE, DCP), "ddp": (FILE, DCP)}
+"""The checkpoint layouts each strategy resumes from, the one it writes first."""
 
 
 @dataclass
@@ -134,14 +142,13 @@ def fetch_checkpoint(
         )
     reader = RunReader(resolve_tracking_uri(config.tracking.uri), config.tracking.request_timeout_s)
     run = reader.run(uri)
-    deepspeed = strategy == "deepspeed"
     staging = Path(tempfile.mkdtemp(prefix="gpt3-from-mlflow-"))
     try:
-        artifact, files = _choose(reader, uri, deepspeed, staging)
+        artifact, layout, files = _choose(reader, uri, strategy, staging)
         reader.download(uri, files, staging)
         local = staging / artifact
         try:
-            state = inspect_tag_dir(local) if deepspeed else load_verified(local)
+            state = _inspect(local, layout)
             check_compatible(state, config, vocab_size, tokenizer_id, local)
         except CheckpointError as exc:
             raise CheckpointError(str(exc).replace(str(local), _display(uri, artifact))) from None
@@ -155,33 +162,28 @@ def _display(uri: RunUri, artifact: str) -> str:
     return f"runs:/{uri.run_id}/{artifact}"
 
 
+def _inspect(local: Path, layout: str) -> dict:
+    """The verified loop state of a downloaded checkpoint, read as its layout says."""
+    if layout == FILE:
+        return load_verified(local)
+    if layout == DCP:
+        return inspect_dcp_folder(local)
+    return inspect_tag_dir(local)
+
+
 def _choose(
-    reader: RunReader, uri: RunUri, deepspeed: bool, staging: Path
-) -> tuple[str, list[str]]:
-    """(the checkpoint's artifact path, the files to download) for this strategy's layout."""
+    reader: RunReader, uri: RunUri, strategy: str, staging: Path
+) -> tuple[str, str, list[str]]:
+    """(the checkpoint's artifact path, its layout, the files to download) for `strategy`."""
     listed = reader.listing(uri, ARTIFACT_DIR)
     if not listed:
         raise CheckpointError(
             f"{uri.text}: MLflow run {uri.run_id} has no logged checkpoints (no {ARTIFACT_DIR}/ "
             "artifacts: it trained with tracking.log_checkpoints none, or logged none yet)"
         )
-    folders = sorted(p for p, is_dir in listed.items() if is_dir and is_tag_name(_name(p)))
-    files = sorted(p for p, is_dir in listed.items() if not is_dir)
-    step_files = [p for p in files if _name(p).startswith("step_") and p.endswith(".pt")]
-    layout = "a DeepSpeed checkpoint folder" if deepspeed else "a single-file checkpoint"
+    reads = READS.get(strategy, READS["single"])
     if uri.path in ("", ARTIFACT_DIR):
-        if deepspeed:
-            artifact = _newest_folder(reader, uri, listed, folders, staging)
-        else:
-            latest = f"{ARTIFACT_DIR}/{LATEST_NAME}"
-            artifact = latest if latest in listed else (step_files[-1] if step_files else "")
-        if not artifact:
-            other = "single-file (strategy single or ddp)" if deepspeed else "DeepSpeed"
-            raise CheckpointError(
-                f"{uri.text}: this run (strategy {'deepspeed' if deepspeed else 'single or ddp'})"
-                f" resumes from {layout}, but MLflow run {uri.run_id} logged only {other} "
-                "checkpoints"
-            )
+        artifact, layout = _newest(reader, uri, listed, reads, staging)
     else:
         artifact = uri.path
         if artifact not in listed:
@@ -190,20 +192,53 @@ def _choose(
                 f"{uri.text}: MLflow run {uri.run_id} has no checkpoint {artifact} "
                 f"({ARTIFACT_DIR}/ holds {have})"
             )
-        if listed[artifact] != deepspeed:
+        layout = _folder_layout(reader, uri, artifact) if listed[artifact] else FILE
+        if layout not in reads:
             raise CheckpointError(
-                f"{uri.text} is not {layout}: a single-file checkpoint resumes strategies single "
-                "and ddp, a DeepSpeed folder resumes strategy deepspeed"
+                f"{uri.text} is {layout}, which strategy {strategy} cannot resume from (it "
+                f"reads {' or '.join(reads)})"
             )
-    if deepspeed:
-        return artifact, reader.files_under(uri, artifact)
+    if layout != FILE:
+        return artifact, layout, reader.files_under(uri, artifact)
     sidecar = artifact + CHECKSUM_SUFFIX
     if sidecar not in listed:
         raise CheckpointError(
             f"{uri.text}: {artifact} was logged without its checksum file {_name(sidecar)}; "
             "refusing to load a checkpoint that cannot be verified"
         )
-    return artifact, [artifact, sidecar]
+    return artifact, layout, [artifact, sidecar]
+
+
+def _newest(
+    reader: RunReader, uri: RunUri, listed: dict[str, bool], reads: tuple[str, ...], staging: Path
+) -> tuple[str, str]:
+    """The newest logged checkpoint in the first of `reads`' layouts the run logged."""
+    folder = ""
+    if any(layout != FILE for layout in reads):
+        folders = sorted(p for p, is_dir in listed.items() if is_dir and is_tag_name(_name(p)))
+        folder = _newest_folder(reader, uri, listed, folders, staging)
+    latest = f"{ARTIFACT_DIR}/{LATEST_NAME}"
+    step_files = sorted(
+        p for p, is_dir in listed.items()
+        if not is_dir and _name(p).startswith("step_") and p.endswith(".pt")
+    )  # fmt: skip
+    newest_file = latest if latest in listed else (step_files[-1] if step_files else "")
+    found = {FILE: newest_file} if newest_file else {}
+    if folder:
+        found[_folder_layout(reader, uri, folder)] = folder
+    for layout in reads:
+        if layout in found:
+            return found[layout], layout
+    logged = " and ".join(sorted(found)) or "no complete checkpoint"
+    raise CheckpointError(
+        f"{uri.text}: this run's strategy resumes from {' or '.join(reads)}, but MLflow run "
+        f"{uri.run_id} logged {logged}"
+    )
+
+
+def _folder_layout(reader: RunReader, uri: RunUri, folder: str) -> str:
+    """A logged checkpoint folder is DCP's when it holds DCP's index, else DeepSpeed's."""
+    return DCP if f"{folder}/{METADATA}" in reader.listing(uri, folder) else DEEPSPEED
 
 
 def _newest_folder(
