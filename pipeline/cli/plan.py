@@ -169,6 +169,7 @@ def plan(
         config.training.micro_batch_size,
         config.seq_len,
         global_batch=global_batch_sequences(config.training, config.seq_len),
+        zero3_init=True,  # the trainer builds ZeRO-3 under deepspeed.zero.Init
     )
     chosen = None
     if fsdp:

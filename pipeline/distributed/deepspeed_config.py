@@ -200,8 +200,6 @@ def _zero(r: _Resolver, config: Config, cuda: bool) -> None:
     stage = section.get("stage", 0)
     if stage not in (0, 1, 2, 3):
         r.problems.append(f"zero_optimization.stage={stage!r} in {r.source}: expected 0 to 3")
-    elif stage == 3 and not cuda:
-        r.problems.append("ZeRO stage 3 needs GPUs (DeepSpeed on the CPU runs stages 0-2)")
 
 
 def _auto_keys(value: Any, prefix: str = "") -> list[str]:

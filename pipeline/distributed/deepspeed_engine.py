@@ -26,6 +26,7 @@ from pipeline.distributed.comm import Collective
 from pipeline.distributed.data_parallel import CollectiveStrategy, seed_rank
 from pipeline.distributed.deepspeed_config import read_deepspeed_json, resolve_deepspeed_config
 from pipeline.distributed.strategy import CompatibilityCheck, StepResult, Wrapped
+from pipeline.distributed.zero_init import decay_groups
 from pipeline.errors import ConfigError
 from pipeline.model import GPT
 from pipeline.training.components import with_attention_backend
@@ -88,7 +89,7 @@ class DeepSpeedStrategy(CollectiveStrategy):
         self.engine, _, _, _ = deepspeed.initialize(
             model=model,
             optimizer=None if own_optimizer else optimizer,
-            model_parameters=model.param_groups(t.weight_decay) if own_optimizer else None,
+            model_parameters=decay_groups(model, t.weight_decay) if own_optimizer else None,
             config=self.ds_config,
         )
         deepspeed_safe_load.install(self.engine)  # no pickled code runs on resume

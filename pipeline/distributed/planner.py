@@ -26,10 +26,13 @@ Everything is computed from the config alone (`pipeline.model.count_parameters`)
   output head is vocab-parallel but its logits are gathered for the loss, so each rank keeps
   the whole logits plus its 16-bit slice (loss parallelism would split them t ways).
 - Building: DDP, ZeRO-1 and ZeRO-2 keep a whole replica per GPU, built in fp32 (4 bytes per
-  parameter). So does ZeRO-3 while the trainer builds the model before DeepSpeed shards it;
-  under `deepspeed.zero.Init` (`zero3_init=True`) each module would be partitioned as it is
-  created: 4 bytes x P/N plus the largest layer in full. FSDP and TP build on the meta device
-  and materialise only each rank's shards (`planner_fsdp.fsdp_build_bytes`).
+  parameter). The trainer builds ZeRO-3 under `deepspeed.zero.Init` (`zero3_init=True`, as
+  `gpt3 plan` plans it; see `pipeline.distributed.zero_init`): each module is partitioned as
+  it is created, then today's values are drawn module by module in fp32 and written into the
+  gathered partitions, so the peak is 4 bytes x P/N plus the largest layer twice in fp32 (the
+  drawn copy and the gathered one; in bf16 the gathered one is half that, so this errs high).
+  `zero3_init=False` (the function's default) plans the old whole build. FSDP and TP build on
+  the meta device and materialise only each rank's shards (`planner_fsdp.fsdp_build_bytes`).
 """
 
 from __future__ import annotations
@@ -141,7 +144,7 @@ class Plan:
     """Sequences per optimizer step (None: not known); each row's data-parallel degree x the
     micro-batch must divide it."""
     zero3_init: bool = False
-    """ZeRO-3 rows built under `deepspeed.zero.Init`."""
+    """ZeRO-3 rows built under `deepspeed.zero.Init` (the trainer's build, `gpt3 plan`'s)."""
 
     def accumulation(self, row: Row) -> int | None:
         """Gradient-accumulation steps of `row`; None where the global batch does not split
@@ -261,8 +264,9 @@ def make_plan(
     """Every setup's memory for `model` on `gpus` GPUs, `gpus_per_node` to a node: the DDP and
     DeepSpeed rows, then FSDP and FSDP x TP as `pipeline.distributed.parallelize` lays them out.
     `global_batch` (sequences) lets the plan say which rows split it. `zero3_init`: ZeRO-3
-    builds under `deepspeed.zero.Init` (partitioned as built); False while the trainer builds
-    the whole model first."""
+    builds under `deepspeed.zero.Init` (partitioned as built), as the trainer does and `gpt3
+    plan` says; the default False plans the whole fp32 build it did before, which DeepSpeed's
+    `zero_init=0` host figures describe."""
     if gpus < 1 or gpus_per_node < 1 or gpus % gpus_per_node:
         raise ValueError(f"{gpus} GPUs do not split into nodes of {gpus_per_node}")
     nodes = gpus // gpus_per_node
@@ -274,7 +278,7 @@ def make_plan(
     for setup in SETUPS:
         states, host = model_state_bytes(setup, params, largest, gpus_per_node, nodes, zero3_init)
         sharded_build = setup.zero == 3 and zero3_init
-        build = 4 * (params // gpus + largest) if sharded_build else 4 * params
+        build = 4 * (params // gpus + 2 * largest) if sharded_build else 4 * params
         rows.append(Row(setup, states, host, states + acts, states + acts_ckpt, build, gpus))
     split = param_split(model, vocab_size)
     for setup in fsdp_setups(model, gpus, gpus_per_node):
@@ -381,9 +385,12 @@ def format_plan(
     paper = f" (paper: {plan.model.paper_params / 1e9:g}B)" if plan.model.paper_params else ""
     host = f", host {_gib(host_memory)} GiB per node" if host_memory is not None else ""
     zero3_build = (
-        ["ZeRO-3 partitioned as built by deepspeed.zero.Init;"]
+        [
+            "ZeRO-3 partitioned as built by deepspeed.zero.Init (its partitions plus the largest",
+            "layer twice in fp32, drawn and gathered);",
+        ]
         if plan.zero3_init
-        else ["and for ZeRO-3 too (the trainer does not build under deepspeed.zero.Init yet);"]
+        else ["and for ZeRO-3 too (planned without deepspeed.zero.Init);"]
     )
     lines = [
         f"GPT {plan.model.name}: {plan.parameters:,} parameters{paper}; largest layer "

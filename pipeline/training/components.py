@@ -173,6 +173,29 @@ def warn_if_gpu_recipe_on_cpu(config: Config, device: torch.device, vocab_size: 
     )
 
 
+def build_model(
+    config: Config, vocab_size: int, device: torch.device
+) -> tuple[GPT, list[dict[str, object]]]:
+    """The GPT as the strategy expects it, and its AdamW parameter groups.
+
+    Built directly on the device: a 6.7B model initialised on the CPU first costs a minute.
+    fsdp builds on the meta device; its strategy materialises each rank's shards with these
+    same values (pipeline.distributed.meta_init). DeepSpeed ZeRO-3 builds under
+    `deepspeed.zero.Init` with these same values (pipeline.distributed.zero_init). In those
+    two no rank ever holds the whole model. The caller has seeded the generators first.
+    """
+    from pipeline.distributed import zero_init
+
+    weight_decay = config.training.weight_decay
+    if zero_init.builds_partitioned(config):
+        model = zero_init.build_partitioned(config, vocab_size, device)
+        return model, zero_init.decay_groups(model, weight_decay)
+    sharded = config.distributed.strategy == "fsdp"
+    with torch.device("meta" if sharded else device):
+        model = GPT(config.model, vocab_size)
+    return model, model.param_groups(weight_decay)
+
+
 def build_components(config: Config) -> TrainingComponents:
     """Check the data, then build model, optimizer, precision, samplers and schedule."""
     t = config.training
@@ -194,16 +217,11 @@ def build_components(config: Config) -> TrainingComponents:
     if t.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ConfigError("training.precision: bf16 is not supported on this GPU; use fp16")
     seed_everything(config.seed)
-    # Built directly on the device: a 6.7B model initialised on the CPU first costs a minute.
-    # fsdp builds on the meta device; its strategy materialises each rank's shards with these
-    # same values (pipeline.distributed.meta_init), so no rank ever holds the whole model.
-    sharded = config.distributed.strategy == "fsdp"
-    with torch.device("meta" if sharded else device):
-        model = GPT(config.model, vocab_size)
+    model, param_groups = build_model(config, vocab_size, device)
     model.set_gradient_checkpointing(t.gradient_checkpointing, t.gradient_checkpointing_blocks)
     model.set_loss_chunking(t.loss_chunk_tokens)
     optimizer = torch.optim.AdamW(
-        model.param_groups(t.weight_decay),
+        param_groups,
         lr=t.lr,
         betas=t.betas,
         eps=t.eps,

@@ -13,6 +13,7 @@ from pipeline.config.loader import dump_config
 from pipeline.config.schema import Config
 from pipeline.distributed.data_parallel import SingleDevice
 from pipeline.distributed.strategy import Strategy
+from pipeline.model import count_parameters
 from pipeline.model_artifact import save_model_dir
 from pipeline.tracking.base import TrackerGroup
 from pipeline.tracking.dvc_metrics import DvcMetricsTracker
@@ -115,7 +116,7 @@ def _train_locked(
         logger.info(
             "training %s (%s parameters) on %s in %s from step %d to %s",
             config.model.name,
-            f"{parts.model.num_parameters():,}",
+            f"{count_parameters(config.model, parts.vocab_size):,}",  # ZeRO-3 holds partitions
             parts.device,
             config.training.precision,
             start,
