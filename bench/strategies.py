@@ -2,6 +2,10 @@
 
     .venv/bin/python bench/strategies.py [--steps 10] [--layouts single,ddp2,fsdp2,tp2,fsdp2xtp2]
 
+`tp2-sp` and `fsdp2xtp2-sp` are the tensor-parallel layouts with sequence parallelism
+(`distributed.sequence_parallel`): the same model and batch, the activations between the split
+layers sharded by position.
+
 Every layout trains the same model (configs/model_configs/tiny.yaml by default) on the same
 global batch; each rank runs one thread. Printed: the median step time over the timed steps
 (after 2 warm-up steps), tokens per second, and the ratio to one device. On CPU this measures
@@ -44,6 +48,7 @@ class Layout:
     world_size: int
     kind: str  # single | ddp | sharded
     tensor_parallel: int = 1
+    sequence_parallel: bool = False
 
 
 LAYOUTS = {
@@ -52,6 +57,8 @@ LAYOUTS = {
     "fsdp2": Layout("fsdp2", 2, "sharded"),
     "tp2": Layout("tp2", 2, "sharded", 2),
     "fsdp2xtp2": Layout("fsdp2xtp2", 4, "sharded", 2),
+    "tp2-sp": Layout("tp2-sp", 2, "sharded", 2, sequence_parallel=True),
+    "fsdp2xtp2-sp": Layout("fsdp2xtp2-sp", 4, "sharded", 2, sequence_parallel=True),
 }
 
 
@@ -85,7 +92,9 @@ def _worker(rank: int, layout: Layout, args: argparse.Namespace, init: str, out:
     torch.manual_seed(0)
     if layout.kind == "sharded":
         mesh = build_mesh("cpu", layout.world_size, layout.tensor_parallel)
-        model = build_sharded(config, VOCAB, mesh, torch.device("cpu"))
+        model = build_sharded(
+            config, VOCAB, mesh, torch.device("cpu"), sequence_parallel=layout.sequence_parallel
+        )
         piece = data_slice(mesh)
         times = step_times(model, model, args, piece.rank, piece.world_size)
     else:

@@ -37,6 +37,8 @@ class Job:
 
     world_size: int = 1
     tensor_parallel: int = 1
+    sequence_parallel: bool = False
+    """Split the activations between the tensor-parallel layers by position too."""
     steps: int = 30
     global_batch: int = 8
     seq_len: int = 32
@@ -131,9 +133,11 @@ def run_layout(job: Job, rank: int) -> dict:
     config = ModelConfig(**job.model)
     torch.manual_seed(job.seed)
     if job.meta_init:
-        model = build_sharded(config, VOCAB, mesh, torch.device("cpu"))
+        model = build_sharded(
+            config, VOCAB, mesh, torch.device("cpu"), sequence_parallel=job.sequence_parallel
+        )
     else:
-        model = parallelize(GPT(config, VOCAB), mesh)
+        model = parallelize(GPT(config, VOCAB), mesh, sequence_parallel=job.sequence_parallel)
     model.set_gradient_checkpointing(job.gradient_checkpointing)
     result: dict = {}
     if job.compare_init:

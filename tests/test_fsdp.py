@@ -1,5 +1,5 @@
 """FSDP2, tensor parallelism and both, on CPU with gloo: the same losses as one device
-(issue 19, items 3, 4, 6 and 8).
+(issue 19, items 3, 4, 6 and 8), sequence parallelism included.
 
 Each layout trains the tiny GPT for 30 fp32 AdamW steps with gradient clipping on the same
 global batches (each data-parallel slice its contiguous part, as DDP does); the per-step global
@@ -14,15 +14,22 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from parallel_support import TINY, VOCAB, Job, single, spawn
 
+from pipeline.config.loader import load_config
 from pipeline.distributed.mesh import build_mesh
-from pipeline.distributed.tensor_parallel import check_tensor_parallel
+from pipeline.distributed.tensor_parallel import (
+    check_sequence_parallel,
+    check_tensor_parallel,
+    sequence_split_check,
+)
 from pipeline.errors import ConfigError
 from pipeline.model import GPT
 
 STEPS = 30
 REL = 1e-5
+SEQUENCE_PARALLEL = {"tensor_parallel": 2, "sequence_parallel": True}
 
 
 @pytest.fixture(scope="module")
@@ -45,30 +52,39 @@ def test_the_reference_run_learns(reference: dict) -> None:
 def test_fsdp_and_tensor_parallel_on_two_ranks_equal_one_device(
     reference: dict, tmp_path: Path
 ) -> None:
-    fsdp, tp, recomputed = spawn(
+    fsdp, tp, sp, recomputed, sp_recomputed = spawn(
         [
             Job(world_size=2, tensor_parallel=1, steps=STEPS, compare_init=True),
             Job(world_size=2, tensor_parallel=2, steps=STEPS, compare_init=True),
+            Job(world_size=2, steps=STEPS, compare_init=True, **SEQUENCE_PARALLEL),
             Job(world_size=2, steps=10, compare_init=True, gradient_checkpointing=True),
+            Job(world_size=2, steps=5, gradient_checkpointing=True, **SEQUENCE_PARALLEL),
         ],
         tmp_path,
     )
-    for result in (fsdp, tp, recomputed):
+    for result in (fsdp, tp, sp, recomputed):
         assert all(result["init_equal"].values()), result["init_equal"]
         assert result["tied"]
     assert_same_curve(fsdp, reference)
     assert_same_curve(tp, reference)
+    assert_same_curve(sp, reference)  # sequence parallel: norm gradients summed over the group
     assert_same_curve(recomputed, reference, steps=10)  # activation checkpointing inside FSDP
+    assert_same_curve(sp_recomputed, reference, steps=5)  # recomputation repeats the gathers
 
 
 def test_fsdp_by_tensor_parallel_two_by_two_equals_one_device(
     reference: dict, tmp_path: Path
 ) -> None:
-    (both,) = spawn(
-        [Job(world_size=4, tensor_parallel=2, steps=STEPS, compare_init=True)], tmp_path
+    both, both_sp = spawn(
+        [
+            Job(world_size=4, tensor_parallel=2, steps=STEPS, compare_init=True),
+            Job(world_size=4, steps=STEPS, **SEQUENCE_PARALLEL),
+        ],
+        tmp_path,
     )
     assert all(both["init_equal"].values()), both["init_equal"]
     assert_same_curve(both, reference)
+    assert_same_curve(both_sp, reference)
 
 
 def test_a_model_that_does_not_split_is_refused() -> None:
@@ -79,6 +95,39 @@ def test_a_model_that_does_not_split_is_refused() -> None:
     model.set_loss_chunking(128)
     with pytest.raises(ConfigError, match="loss_chunk_tokens"):
         check_tensor_parallel(model, 2)
+
+
+def test_sequence_parallel_refuses_a_length_it_cannot_split_and_generation() -> None:
+    with pytest.raises(ConfigError, match=r"sequence length 30 .* not a multiple of .*4"):
+        check_sequence_parallel(30, 4)
+    check_sequence_parallel(32, 4)
+    check = sequence_split_check(2)
+    check(None, (torch.zeros(2, 8, dtype=torch.long),), {})  # a training forward passes
+    with pytest.raises(ValueError, match="multiple of 2, got 7"):
+        check(None, (torch.zeros(2, 7, dtype=torch.long),), {})
+    with pytest.raises(ValueError, match="does not generate"):
+        check(None, (torch.zeros(1, 8, dtype=torch.long),), {"last_only": True})
+
+
+@pytest.mark.parametrize(
+    ("distributed", "accepted"),
+    [
+        ({"strategy": "fsdp", "tensor_parallel": 2, "sequence_parallel": True}, True),
+        ({"strategy": "fsdp", "tensor_parallel": 1, "sequence_parallel": True}, False),
+        ({"strategy": "ddp", "tensor_parallel": 2, "sequence_parallel": True}, False),
+    ],
+)
+def test_sequence_parallel_needs_fsdp_with_tensor_parallel(
+    distributed: dict, accepted: bool, tmp_path: Path
+) -> None:
+    params = tmp_path / "params.yaml"
+    training = {"max_steps": 10, "global_batch_size": 4}
+    params.write_text(yaml.safe_dump({"training": training, "distributed": distributed}))
+    if accepted:
+        assert load_config(params_file=params).distributed.sequence_parallel
+        return
+    with pytest.raises(ConfigError, match=r"distributed\.sequence_parallel.*needs strategy fsdp"):
+        load_config(params_file=params)
 
 
 def test_a_tensor_parallel_degree_that_does_not_divide_the_ranks_is_refused() -> None:

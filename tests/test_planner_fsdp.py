@@ -100,6 +100,21 @@ def test_tensor_parallel_activations_split_the_attention_and_mlp_parts() -> None
     assert ckpt < tp8 / 3
 
 
+def test_sequence_parallel_as_the_trainer_applies_it_splits_what_tp_replicates() -> None:
+    """`distributed.sequence_parallel` (logits still gathered for the loss): each layer's
+    LayerNorm / dropout / residual activations, and a checkpointed layer's input, are divided
+    by t; the attention and MLP parts and the logits are unchanged."""
+    model = _config("13B").model
+    s, b, h, t = 2048, 4, model.d_model, 8
+    replicated = (10 if model.dropout > 0 else 8) * s * b * h
+    for ckpt, per_layer in ((False, replicated), (True, 2 * s * b * h)):
+        tp = activation_bytes(model, VOCAB, b, s, ckpt, tensor_parallel=t)
+        sp = activation_bytes(model, VOCAB, b, s, ckpt, tensor_parallel=t, sequence_parallel=True)
+        assert tp - sp == model.n_layer * (per_layer - per_layer // t) + (
+            replicated - replicated // t if ckpt else 0  # the one layer live while recomputed
+        )
+
+
 def test_tensor_parallel_degrees_stay_within_a_node_and_divide_the_heads() -> None:
     model = _config("175B").model  # 96 heads
     assert tensor_parallel_degrees(model, 1024, 8) == [1, 2, 4, 8]

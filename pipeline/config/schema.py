@@ -222,6 +222,24 @@ class DistributedConfig(Section):
     data axis. Must divide the world size."""
     cpu_offload: bool = False
     """fsdp only: keep the sharded parameters, gradients and optimizer step on the host."""
+    sequence_parallel: bool = False
+    """fsdp with tensor_parallel > 1 only: split the activations between the tensor-parallel
+    layers (LayerNorms, dropout, residual adds) by sequence position too, so each rank stores
+    1/tensor_parallel of them instead of all (Megatron's sequence parallelism). The sequence
+    length must be a multiple of tensor_parallel. Checkpoints do not depend on it."""
+
+    @model_validator(mode="after")
+    def _sequence_parallel_needs_tensor_parallel(self) -> DistributedConfig:
+        """Sequence parallelism splits what tensor parallelism replicates: nothing without it."""
+        if self.sequence_parallel and (self.strategy != "fsdp" or self.tensor_parallel < 2):
+            raise CrossFieldError(
+                "sequence_parallel needs strategy fsdp and tensor_parallel > 1 (got strategy "
+                f"{self.strategy}, tensor_parallel {self.tensor_parallel})",
+                "sequence_parallel",
+                "strategy",
+                "tensor_parallel",
+            )
+        return self
 
 
 SEED_MAX = 2**64 - 1

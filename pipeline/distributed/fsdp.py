@@ -114,6 +114,11 @@ def clip_grad_norm(parameters: Iterable[nn.Parameter], max_norm: float) -> torch
     the rest). Here each norm is completed over its own mesh first (`full_tensor`: the squares
     are summed over the shards), so a parameter replicated over `tp` counts once. Returns the
     norm before clipping (inf/nan are passed through and nothing is scaled then).
+
+    Under sequence parallelism the LayerNorm weights' gradients leave backward `Partial` over
+    `tp` (each rank saw its own positions); FSDP2 redistributes every gradient to its
+    parameter's placement (`Replicate()` there) before it reduces over `dp`, so the gradients
+    read here are already complete (tests/test_fsdp.py compares the norms with one device's).
     """
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:

@@ -45,7 +45,7 @@ from pipeline.distributed.mesh import build_mesh, data_slice
 from pipeline.distributed.meta_init import materialize
 from pipeline.distributed.parallelize import parallelize
 from pipeline.distributed.strategy import CompatibilityCheck, StepResult, Wrapped
-from pipeline.distributed.tensor_parallel import checkpoint_states
+from pipeline.distributed.tensor_parallel import check_sequence_parallel, checkpoint_states
 from pipeline.errors import CheckpointError
 from pipeline.model import GPT
 from pipeline.training.components import compiled_forward, resolve_device, with_attention_backend
@@ -72,6 +72,8 @@ class FSDPStrategy(CollectiveStrategy):
         self.mesh = build_mesh(self.device.type, self.world_size, d.tensor_parallel)
         self.data = data_slice(self.mesh)
         self.tp_group = self.mesh["tp"].get_group() if d.tensor_parallel > 1 else None
+        if d.sequence_parallel:
+            check_sequence_parallel(config.seq_len, d.tensor_parallel)
         self.model: GPT | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.precision: ShardedPrecision | None = None
@@ -90,13 +92,17 @@ class FSDPStrategy(CollectiveStrategy):
         t, d = self.config.training, self.config.distributed
         if t.compile and t.compile_scope == "blocks":
             compiled_forward(model, t)  # each block compiled in place, before FSDP wraps it
-        parallelize(model, self.mesh, precision=t.precision, cpu_offload=d.cpu_offload)
+        parallelize(
+            model,
+            self.mesh,
+            precision=t.precision,
+            cpu_offload=d.cpu_offload,
+            sequence_parallel=d.sequence_parallel,
+        )
         if any(p.is_meta for p in model.parameters()):  # built on meta: fill this rank's shards
             host = torch.device("cpu") if d.cpu_offload else self.device
             materialize(model, host, init_device=self.device)
-        # Every rank of a tensor-parallel group draws the same dropout masks (the activations
-        # are replicated there); data slices draw their own.
-        seed_rank(self.config.seed, self.data.rank)
+        seed_rank(self.config.seed, self._dropout_stream())
         self.model = model
         self.optimizer = rebuild_optimizer(optimizer, model)
         scaler = sharded_grad_scaler(self.device) if t.precision == "fp16" else None
@@ -107,6 +113,17 @@ class FSDPStrategy(CollectiveStrategy):
             forward = gather_group_batch(forward, self.tp_group)
         forward = with_attention_backend(forward, t.attention_backend)
         return Wrapped(forward=forward, optimizer=self.optimizer, precision=self.precision)
+
+    def _dropout_stream(self) -> int:
+        """Which random stream this rank draws dropout masks from.
+
+        Tensor parallelism alone replicates the activations between its layers over the
+        group, so the group's ranks must draw the same masks there (one stream per data
+        slice). Under sequence parallelism every dropout acts on this rank's own positions
+        (or, in attention, its own heads): a shared stream would repeat one mask on every
+        rank's part, so each rank draws its own.
+        """
+        return self.rank if self.config.distributed.sequence_parallel else self.data.rank
 
     def micro_step(self, last: bool) -> contextlib.AbstractContextManager:
         """Gradients are reduce-scattered after every micro-batch (sharded accumulation: the

@@ -13,6 +13,7 @@ from pipeline.config.schema import ModelConfig
 from pipeline.distributed.fsdp import apply_fsdp
 from pipeline.distributed.meta_init import build_on_meta, materialize
 from pipeline.distributed.tensor_parallel import apply_tensor_parallel
+from pipeline.errors import ConfigError
 from pipeline.model import GPT
 
 
@@ -22,10 +23,14 @@ def parallelize(
     precision: str = "fp32",
     cpu_offload: bool = False,
     reshard_after_forward: bool = True,
+    sequence_parallel: bool = False,
 ) -> GPT:
-    """Tensor parallelism over `mesh["tp"]` (when larger than 1), then FSDP2 over `mesh["dp"]`."""
+    """Tensor parallelism over `mesh["tp"]` (when larger than 1; `sequence_parallel` splits
+    the activations between its layers by position too), then FSDP2 over `mesh["dp"]`."""
+    if sequence_parallel and mesh["tp"].size() == 1:
+        raise ConfigError("distributed.sequence_parallel needs distributed.tensor_parallel > 1")
     if mesh["tp"].size() > 1:
-        apply_tensor_parallel(model, mesh["tp"])
+        apply_tensor_parallel(model, mesh["tp"], sequence_parallel)
     return apply_fsdp(
         model,
         mesh["dp"],
@@ -43,6 +48,7 @@ def build_sharded(
     precision: str = "fp32",
     cpu_offload: bool = False,
     reshard_after_forward: bool = True,
+    sequence_parallel: bool = False,
 ) -> GPT:
     """The GPT built on the meta device, laid out on `mesh`, then only this rank's shards
     allocated on `device` and initialised as `GPT(config)` would be (`meta_init`).
@@ -51,7 +57,7 @@ def build_sharded(
     rank); it is advanced as today's build advances it.
     """
     model = build_on_meta(config, vocab_size)
-    parallelize(model, mesh, precision, cpu_offload, reshard_after_forward)
+    parallelize(model, mesh, precision, cpu_offload, reshard_after_forward, sequence_parallel)
     # With CPU offload FSDP2 keeps the shards on the host and copies them in per unit.
     materialize(model, torch.device("cpu") if cpu_offload else device, init_device=device)
     return model

@@ -19,19 +19,37 @@ The state dict of `c_attn` is not a contiguous block per rank, which
 `torch.distributed.checkpoint` cannot write as is; checkpoints store it as a `(3, inner, d)`
 view in every layout (`qkv_view`, `checkpoint_states`).
 
-Sequence parallelism for the norms is not applied (activations stay replicated between blocks):
-on CPU and at the sizes tested it only adds collectives; see bench/NOTES.md.
+Sequence parallelism (`sequence_parallel=True`, Megatron's, Korthikanti et al. 2022). Without
+it the activations between the split layers (the LayerNorms, dropout and residual adds, the
+embedding sum) are replicated: each of the t ranks stores all of them. With it they are split
+by sequence position (`Shard(1)`): the row-wise layers reduce-scatter instead of all-reduce
+(rank r keeps positions [r T/t, (r+1) T/t)), the norms run on their positions alone
+(`SequenceParallel`: replicated weights whose gradients come out `Partial` and are summed over
+the group, which FSDP2 does when it reduces them), and the attention / MLP inputs are
+all-gathered before the column-wise layers. The communication volume is the same (an
+all-reduce is a reduce-scatter plus an all-gather); the stored activations outside attention
+and the MLP shrink t times. The output head gathers the sequence and computes the loss on the
+whole logits, as without it. Parameters keep the same placements either way, so checkpoints do
+not depend on the switch. The sequence length must divide by t (`check_sequence_parallel`);
+the sharded model trains and evaluates but does not generate (`export_model` gives a plain one).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module, distribute_tensor
-from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    PrepareModuleInput,
+    RowwiseParallel,
+    SequenceParallel,
+    parallelize_module,
+)
 from torch.distributed.tensor.parallel.style import ParallelStyle
 from torch.distributed.tensor.placement_types import _StridedShard
 
@@ -115,7 +133,17 @@ def check_tensor_parallel(model: GPT, degree: int) -> None:
         raise ConfigError(f"distributed.tensor_parallel {degree}: " + "; ".join(problems))
 
 
-def apply_tensor_parallel(model: GPT, tp_mesh: DeviceMesh) -> GPT:
+def check_sequence_parallel(seq_len: int, degree: int) -> None:
+    """Refuse a sequence length that `degree` sequence-parallel ranks cannot split evenly."""
+    if seq_len % degree:
+        raise ConfigError(
+            f"distributed.sequence_parallel: the sequence length {seq_len} (training.seq_len, "
+            f"else model.n_ctx) is not a multiple of distributed.tensor_parallel {degree}; "
+            "each rank keeps an equal share of the positions between the blocks"
+        )
+
+
+def apply_tensor_parallel(model: GPT, tp_mesh: DeviceMesh, sequence_parallel: bool = False) -> GPT:
     """Split `model` over the 1-D `tp_mesh` in place (see the module docstring); returns it.
 
     The model may be on the meta device (`meta_init.materialize` then fills the shards) or
@@ -124,24 +152,101 @@ def apply_tensor_parallel(model: GPT, tp_mesh: DeviceMesh) -> GPT:
     """
     degree = tp_mesh.size()
     check_tensor_parallel(model, degree)
-    plan: dict[str, ParallelStyle] = {
-        "wte": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
-        "wpe": ReplicateParallel(),
-        "ln_f": ReplicateParallel(),
-        "lm_head": ColwiseParallel(output_layouts=Replicate()),
-    }
-    for i, block in enumerate(model.h):
-        plan[f"h.{i}.ln_1"] = ReplicateParallel()
-        plan[f"h.{i}.ln_2"] = ReplicateParallel()
-        plan[f"h.{i}.attn.c_attn"] = FusedQKVColwise()
-        plan[f"h.{i}.attn.c_proj"] = RowwiseParallel()
-        plan[f"h.{i}.mlp.c_fc"] = ColwiseParallel()
-        plan[f"h.{i}.mlp.c_proj"] = RowwiseParallel()
+    plan = tensor_parallel_plan(model, sequence_parallel)
+    for block in model.h:
         block.attn.n_head //= degree  # the forward reshapes by the heads this rank holds
         block.attn.inner //= degree
     parallelize_module(model, tp_mesh, plan, src_data_rank=None)
     model.tie_weights()  # both split by vocabulary rows (Shard(0)): one DTensor, one gradient
+    if sequence_parallel:
+        model.register_forward_pre_hook(sequence_split_check(degree), with_kwargs=True)
     return model
+
+
+def tensor_parallel_plan(model: GPT, sequence_parallel: bool) -> dict[str, ParallelStyle]:
+    """Module name -> style. `sequence_parallel` changes only the activations' layouts between
+    the split layers (`Shard(1)` instead of `Replicate()`), never a parameter's placement."""
+    between = Shard(1) if sequence_parallel else Replicate()
+    plan: dict[str, ParallelStyle] = {
+        "wte": RowwiseParallel(input_layouts=Replicate(), output_layouts=between),
+        "wpe": PositionsSequenceParallel() if sequence_parallel else ReplicateParallel(),
+        "ln_f": _norm_style(sequence_parallel),
+        "lm_head": ColwiseParallel(input_layouts=between, output_layouts=Replicate()),
+    }
+    for i in range(len(model.h)):
+        plan[f"h.{i}.ln_1"] = _norm_style(sequence_parallel)
+        plan[f"h.{i}.ln_2"] = _norm_style(sequence_parallel)
+        if sequence_parallel:  # gather the positions before the column-wise layers
+            plan[f"h.{i}.attn"] = _gather_sequence(extra_inputs=2)  # (x, kv_cache, start_pos)
+            plan[f"h.{i}.mlp"] = _gather_sequence(extra_inputs=0)
+        plan[f"h.{i}.attn.c_attn"] = FusedQKVColwise()
+        plan[f"h.{i}.attn.c_proj"] = RowwiseParallel(output_layouts=between)
+        plan[f"h.{i}.mlp.c_fc"] = ColwiseParallel()
+        plan[f"h.{i}.mlp.c_proj"] = RowwiseParallel(output_layouts=between)
+    return plan
+
+
+def _norm_style(sequence_parallel: bool) -> ParallelStyle:
+    """A LayerNorm on this rank's positions (plain tensors in and out), or on all of them."""
+    if sequence_parallel:
+        return SequenceParallel(sequence_dim=1, use_local_output=True)
+    return ReplicateParallel()
+
+
+def _gather_sequence(extra_inputs: int) -> PrepareModuleInput:
+    """All-gather a module's first input over the sequence (its other inputs pass as they are)."""
+    rest: tuple[None, ...] = (None,) * extra_inputs
+    return PrepareModuleInput(
+        input_layouts=(Shard(1), *rest),
+        desired_input_layouts=(Replicate(), *rest),
+        use_local_output=True,
+    )
+
+
+class PositionsSequenceParallel(ReplicateParallel):
+    """The position embedding, replicated, returning this rank's positions only.
+
+    The model adds it to the token embedding, which is sequence-sharded (`Shard(1)` of
+    `(B, T, d)`): rank r takes rows [r T/t, (r+1) T/t) of the `(T, d)` lookup (no
+    communication); in backward the rows' gradients are all-gathered, so every rank holds the
+    whole (replicated) gradient of the table.
+    """
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        return distribute_module(
+            module,
+            device_mesh,
+            partition_fn=_replicate_parameters,
+            input_fn=_inputs_to_replicated,
+            output_fn=_output_rows_to_local,
+        )
+
+
+def _output_rows_to_local(module: nn.Module, outputs: Any, device_mesh: DeviceMesh) -> Any:
+    return outputs.redistribute(device_mesh, [Shard(0)]).to_local()
+
+
+def sequence_split_check(degree: int) -> Callable[[nn.Module, tuple, dict[str, Any]], None]:
+    """A forward pre-hook refusing what a sequence-sharded model cannot compute: a length
+    that does not split evenly, and generation (`kv_cache`, `last_only`: the last position
+    lives on one rank only)."""
+
+    def check(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        idx = args[0] if args else kwargs["idx"]
+        if idx.shape[1] % degree:
+            raise ValueError(
+                f"sequence parallelism over {degree} ranks needs a sequence length that is a "
+                f"multiple of {degree}, got {idx.shape[1]}"
+            )
+        kv_cache = args[2] if len(args) > 2 else kwargs.get("kv_cache")
+        last_only = args[4] if len(args) > 4 else kwargs.get("last_only", False)
+        if kv_cache is not None or last_only:
+            raise ValueError(
+                "a sequence-parallel model does not generate (kv_cache / last_only): sample "
+                "from the exported plain model"
+            )
+
+    return check
 
 
 QKV_WEIGHT = "attn.c_attn.weight"
