@@ -12,6 +12,7 @@ import random
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -311,12 +312,17 @@ def test_ctrl_c_during_a_run_ends_it_and_keeps_the_previous_output(
         stderr=subprocess.PIPE,
         start_new_session=True,
     )
-    work = tmp_path / "data" / ".prepare_work"
-    while process.poll() is None and not any(work.glob("run-*/*/sample")):
-        pass  # until the sample pass has begun: the pool is idle or busy, the BPE about to train
-    assert process.poll() is None, "prepare ended before it could be interrupted"
-    os.killpg(process.pid, signal.SIGINT)
+    data = tmp_path / "data"
     try:
+        while process.poll() is None and not any(data.glob(".prepare_work/run-*/*/sample")):
+            time.sleep(0.01)  # until the sample pass has begun (the BPE is about to train)
+        # Freeze the whole group there, then check that it is still mid-run (its output not yet
+        # committed): a Ctrl-C that lands after the commit, in the exit, could not fail it.
+        os.killpg(process.pid, signal.SIGSTOP)
+        assert process.poll() is None, "prepare ended before it could be interrupted"
+        assert list(data.glob(".prepared.tmp-*")), "prepare committed before it was interrupted"
+        os.killpg(process.pid, signal.SIGINT)  # pending until the group runs again
+        os.killpg(process.pid, signal.SIGCONT)
         process.wait(timeout=120)
     finally:
         if process.poll() is None:
