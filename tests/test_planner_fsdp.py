@@ -217,6 +217,15 @@ def test_gpt3_plan_command_marks_fsdp_x_tp_and_refuses_unplanned_degrees() -> No
     assert "  layout  TP 8 within each node x FSDP over 128 data-parallel ranks" in out
     assert "  batch   micro-batch 4 x 128 ranks x 3 accumulation step(s) = 1536" in out
     assert re.search(r"memory per GPU +\d+\.\d GiB, FSDP x TP 8 with gradient checkpointing", out)
+    split = runner.invoke(
+        plan_command,
+        ["--model_size", "175B", "--gpus", "1024", "--gpu", "H100", "--sequence_parallel"],
+    )
+    assert split.exit_code == 0, split.output
+    # Sequence parallelism splits what TP replicates: TP 8 now fits without recomputation.
+    assert re.search(r"^FSDP x TP 8 .* 3  yes$", split.output, re.M)
+    assert "TP 8 within each node x FSDP over 128 data-parallel ranks" in split.output
+    assert "ranks (128 node(s) of 8), sequence parallel" in split.output
     marked = runner.invoke(
         plan_command, ["--model_size", "13B", "--gpus", "16", "--tensor_parallel", "4"]
     )

@@ -48,6 +48,11 @@ GPT2_VOCAB = 50257
     show_default=True,
     help="Mark the FSDP x TP row of this degree (implies --fsdp).",
 )
+@click.option(
+    "--sequence_parallel",
+    is_flag=True,
+    help="Plan the TP rows with distributed.sequence_parallel (activations split further).",
+)
 @click.option("--offload", type=click.Choice(["none", "cpu"]), default="none", show_default=True)
 @click.option("--gpu_memory", type=float, default=80.0, show_default=True, help="GiB per GPU.")
 @click.option("--host_memory", type=float, help="GiB of host memory per node (to judge offload).")
@@ -92,6 +97,7 @@ def plan(
     zero: int | None,
     fsdp: bool,
     tensor_parallel: int,
+    sequence_parallel: bool,
     offload: str,
     gpu_memory: float,
     host_memory: float | None,
@@ -170,6 +176,7 @@ def plan(
         config.seq_len,
         global_batch=global_batch_sequences(config.training, config.seq_len),
         zero3_init=True,  # the trainer builds ZeRO-3 under deepspeed.zero.Init
+        sequence_parallel=sequence_parallel,
     )
     chosen = None
     if fsdp:

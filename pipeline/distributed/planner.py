@@ -145,6 +145,9 @@ class Plan:
     micro-batch must divide it."""
     zero3_init: bool = False
     """ZeRO-3 rows built under `deepspeed.zero.Init` (the trainer's build, `gpt3 plan`'s)."""
+    sequence_parallel: bool = False
+    """FSDP x TP rows with `distributed.sequence_parallel` (norm/dropout/residual activations
+    split over the TP ranks too)."""
 
     def accumulation(self, row: Row) -> int | None:
         """Gradient-accumulation steps of `row`; None where the global batch does not split
@@ -182,7 +185,8 @@ def activation_bytes(
     output head gives each rank a 16-bit slice of the logits; `loss_parallel` computes the loss
     on the slices, otherwise (as `pipeline.distributed.tensor_parallel` does) they are gathered
     and the whole logits are kept as on one GPU, plus the slice. With t = 1 the last three
-    change nothing. Neither sequence nor loss parallelism is applied by the trainer yet.
+    change nothing. Sequence parallelism is `distributed.sequence_parallel`; loss parallelism
+    is not applied by the trainer.
     """
     s, b, h, t = seq_len, micro_batch, model.d_model, tensor_parallel
     f = model.d_ff or 4 * h
@@ -260,13 +264,15 @@ def make_plan(
     seq_len: int,
     global_batch: int | None = None,
     zero3_init: bool = False,
+    sequence_parallel: bool = False,
 ) -> Plan:
     """Every setup's memory for `model` on `gpus` GPUs, `gpus_per_node` to a node: the DDP and
     DeepSpeed rows, then FSDP and FSDP x TP as `pipeline.distributed.parallelize` lays them out.
     `global_batch` (sequences) lets the plan say which rows split it. `zero3_init`: ZeRO-3
     builds under `deepspeed.zero.Init` (partitioned as built), as the trainer does and `gpt3
     plan` says; the default False plans the whole fp32 build it did before, which DeepSpeed's
-    `zero_init=0` host figures describe."""
+    `zero_init=0` host figures describe. `sequence_parallel`: the FSDP x TP rows run with
+    `distributed.sequence_parallel` (their activations as `activation_bytes` says)."""
     if gpus < 1 or gpus_per_node < 1 or gpus % gpus_per_node:
         raise ValueError(f"{gpus} GPUs do not split into nodes of {gpus_per_node}")
     nodes = gpus // gpus_per_node
@@ -295,6 +301,7 @@ def make_plan(
                     seq_len,
                     ckpt,
                     tensor_parallel=t,
+                    sequence_parallel=sequence_parallel and t > 1,
                 ),
             )
         )
@@ -311,6 +318,7 @@ def make_plan(
         tuple(rows),
         global_batch,
         zero3_init,
+        sequence_parallel,
     )
 
 
@@ -403,7 +411,12 @@ def format_plan(
         "attention heads and MLP split",
         "column/row-wise, tied embedding/output head vocab-parallel (logits gathered for the "
         "loss),",
-        "norms and position embedding replicated, no sequence parallelism; FSDP over the rest.",
+        (
+            "norms, dropout and residuals split over the sequence (sequence parallel); "
+            if plan.sequence_parallel
+            else "norms and position embedding replicated (no --sequence_parallel); "
+        )
+        + "FSDP over the rest.",
         "",
         f"{'setup':36}{'states/GPU':>12}{'host/node':>12}{'+acts':>10}{'+acts ckpt':>12}"
         f"{'build':>8}{'accum':>7}  fits",

@@ -101,6 +101,8 @@ def describe(plan: Plan, row: Row, fit: str, gpu_memory: int) -> list[str]:
     ranks = f"{row.data_parallel} data-parallel ranks ({nodes} node(s) of {plan.gpus_per_node})"
     if setup.fsdp and setup.tensor_parallel > 1:
         layout = f"TP {setup.tensor_parallel} within each node x FSDP over {ranks}"
+        if plan.sequence_parallel:
+            layout += ", sequence parallel"
     elif setup.fsdp:
         layout = f"FSDP over {ranks}"
     else:
