@@ -130,6 +130,20 @@ def test_sequence_parallel_needs_fsdp_with_tensor_parallel(
         load_config(params_file=params)
 
 
+def test_dropout_under_tensor_parallel_needs_sequence_parallel(tmp_path: Path) -> None:
+    """TP alone shares one stream over the group: attention dropout would repeat its mask on
+    every rank's heads. Refused when the config loads, naming the keys; fine with SP."""
+    params = tmp_path / "params.yaml"
+    distributed = {"strategy": "fsdp", "tensor_parallel": 2}
+    values = {"model": {"dropout": 0.1}, "distributed": distributed}
+    params.write_text(yaml.safe_dump(values))
+    with pytest.raises(ConfigError, match=r"model\.dropout 0\.1 with distributed\.tensor_parallel"):
+        load_config(params_file=params)
+    values["distributed"] = {**distributed, "sequence_parallel": True}
+    params.write_text(yaml.safe_dump(values))
+    assert load_config(params_file=params).model.dropout == 0.1
+
+
 def test_a_tensor_parallel_degree_that_does_not_divide_the_ranks_is_refused() -> None:
     with pytest.raises(ConfigError, match="tensor_parallel 3 does not divide the 4"):
         build_mesh("cpu", 4, 3)
