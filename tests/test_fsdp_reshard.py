@@ -1,5 +1,6 @@
 """Resharding resume through DCP (issue 19, items 5 and 6): a checkpoint saved in one layout
-continues in another with the uninterrupted run's losses.
+continues in another with the uninterrupted run's losses (4 -> 2 ranks and 2x2 -> FSDP 4 in the
+second test).
 
 The states are what the FSDP strategy checkpoints (model and optimizer through
 `torch.distributed.checkpoint`, fused q/k/v stored as `(3, inner, d)` views). Saved halfway by
@@ -62,3 +63,33 @@ def test_checkpoints_reshard_between_one_device_fsdp_and_tensor_parallel(tmp_pat
     assert_close(sp_from_tp["loss"], reference[HALF:])
     assert_close(tp_from_sp["loss"], reference[HALF:])
     assert tp_from_tp["loss"] == uninterrupted_tp["loss"][HALF:]  # same layout: bitwise
+
+
+def test_checkpoints_reshard_from_four_ranks_to_two_and_from_fsdp_x_tp_to_fsdp(
+    tmp_path: Path,
+) -> None:
+    """The issue's cases on 4 ranks: FSDP 4 -> FSDP 2, FSDP x TP 2x2 -> FSDP 4, and FSDP 4 ->
+    FSDP 4 (bitwise: nothing about the layout changed). Saves and the 4-rank loads share one
+    spawn (its jobs run in order); the 2-rank load is a second."""
+    reference = single(Job(steps=2 * HALF))["loss"]
+    fsdp4_ckpt, both_ckpt = str(tmp_path / "fsdp4"), str(tmp_path / "fsdp2xtp2")
+    resumed = {"first_step": HALF, "steps": HALF}
+    uninterrupted, fsdp4_half, both_half, fsdp4_from_both, fsdp4_from_fsdp4 = spawn(
+        [
+            Job(world_size=4, steps=2 * HALF),
+            Job(world_size=4, steps=HALF, save_dir=fsdp4_ckpt),
+            Job(world_size=4, tensor_parallel=2, steps=HALF, save_dir=both_ckpt),
+            Job(world_size=4, load_dir=both_ckpt, **resumed),
+            Job(world_size=4, load_dir=fsdp4_ckpt, **resumed),
+        ],
+        tmp_path / "four",
+    )
+    assert_close(fsdp4_half["loss"], reference[:HALF])
+    assert_close(both_half["loss"], reference[:HALF])
+    assert_close(fsdp4_from_both["loss"], reference[HALF:])
+    assert fsdp4_from_fsdp4["loss"] == uninterrupted["loss"][HALF:]  # same layout: bitwise
+
+    (fsdp2_from_fsdp4,) = spawn(
+        [Job(world_size=2, load_dir=fsdp4_ckpt, **resumed)], tmp_path / "two"
+    )
+    assert_close(fsdp2_from_fsdp4["loss"], reference[HALF:])
