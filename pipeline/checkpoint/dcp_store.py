@@ -34,6 +34,7 @@ import io
 import logging
 import pickle
 import threading
+import warnings
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -247,7 +248,9 @@ class DCPStore(FolderCheckpoints):
         check_metadata(path)
         sharded = {name: value for name, value in states.items() if name != LOOP_STATE}
         try:
-            dcp.load(sharded, checkpoint_id=path, no_dist=not self._distributed)
+            with warnings.catch_warnings():  # one process, chosen on purpose: not news
+                warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+                dcp.load(sharded, checkpoint_id=path, no_dist=not self._distributed)
         except (CheckpointException, KeyError, RuntimeError, ValueError) as exc:
             cause = first_failure(exc) or exc
             raise CheckpointError(
