@@ -18,6 +18,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
 from torch.distributed.tensor import DTensor
+from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.checkpoint.dcp_store import ModelState, OptimizerState
 from pipeline.config.schema import ModelConfig
@@ -36,6 +37,8 @@ class Job:
     """What every rank of one spawned run does."""
 
     world_size: int = 1
+    ddp: bool = False
+    """DistributedDataParallel over every rank instead of FSDP (tensor_parallel stays 1)."""
     tensor_parallel: int = 1
     sequence_parallel: bool = False
     """Split the activations between the tensor-parallel layers by position too."""
@@ -84,10 +87,14 @@ def checkpoint_states(model: GPT, optimizer: torch.optim.Optimizer) -> dict:
     )
 
 
-def train(model: GPT, job: Job, rank: int, slices: int) -> dict[str, list[float]]:
+def train(
+    model: GPT, job: Job, rank: int, slices: int, forward: torch.nn.Module | None = None
+) -> dict[str, list[float]]:
     """`job.steps` AdamW steps with clipping; per-step global loss, grad norm and step time.
 
+    `forward` (default: `model`) is what computes the loss, e.g. a DDP wrapper of `model`.
     Loads `job.load_dir` first and saves `job.save_dir` after, when set (DCP, any layout)."""
+    forward = forward or model
     optimizer = torch.optim.AdamW(model.param_groups(0.1), lr=3e-3)
     if job.load_dir is not None:
         dcp.load(checkpoint_states(model, optimizer), checkpoint_id=job.load_dir)
@@ -97,7 +104,7 @@ def train(model: GPT, job: Job, rank: int, slices: int) -> dict[str, list[float]
         per = job.global_batch // slices
         mine = batch[rank * per : (rank + 1) * per]
         start = time.perf_counter()
-        _, loss = model(mine[:, :-1], mine[:, 1:])
+        _, loss = forward(mine[:, :-1], mine[:, 1:])
         loss.backward()
         norm = clip_grad_norm(params, 1.0) if slices > 1 or _sharded(model) else None
         if norm is None:
@@ -129,6 +136,10 @@ def single(job: Job) -> dict[str, list[float]]:
 
 def run_layout(job: Job, rank: int) -> dict:
     """Build, lay out and train `job`'s model on this rank (inside an initialised group)."""
+    if job.ddp:
+        torch.manual_seed(job.seed)
+        model = GPT(ModelConfig(**job.model), VOCAB)
+        return train(model, job, rank, job.world_size, DistributedDataParallel(model))
     mesh = build_mesh("cpu", job.world_size, job.tensor_parallel)
     config = ModelConfig(**job.model)
     torch.manual_seed(job.seed)

@@ -1,4 +1,4 @@
-"""FSDP2, tensor parallelism and both, on CPU with gloo: the same losses as one device
+"""DDP, FSDP2, tensor parallelism and both, on CPU with gloo: the same losses as one device
 (issue 19, items 3, 4, 6 and 8), sequence parallelism included.
 
 Each layout trains the tiny GPT for 30 fp32 AdamW steps with gradient clipping on the same
@@ -52,8 +52,9 @@ def test_the_reference_run_learns(reference: dict) -> None:
 def test_fsdp_and_tensor_parallel_on_two_ranks_equal_one_device(
     reference: dict, tmp_path: Path
 ) -> None:
-    fsdp, tp, sp, recomputed, sp_recomputed = spawn(
+    ddp, fsdp, tp, sp, recomputed, sp_recomputed = spawn(
         [
+            Job(world_size=2, ddp=True, steps=STEPS),
             Job(world_size=2, tensor_parallel=1, steps=STEPS, compare_init=True),
             Job(world_size=2, tensor_parallel=2, steps=STEPS, compare_init=True),
             Job(world_size=2, steps=STEPS, compare_init=True, **SEQUENCE_PARALLEL),
@@ -65,6 +66,7 @@ def test_fsdp_and_tensor_parallel_on_two_ranks_equal_one_device(
     for result in (fsdp, tp, sp, recomputed):
         assert all(result["init_equal"].values()), result["init_equal"]
         assert result["tied"]
+    assert_same_curve(ddp, reference)
     assert_same_curve(fsdp, reference)
     assert_same_curve(tp, reference)
     assert_same_curve(sp, reference)  # sequence parallel: norm gradients summed over the group
@@ -75,14 +77,16 @@ def test_fsdp_and_tensor_parallel_on_two_ranks_equal_one_device(
 def test_fsdp_by_tensor_parallel_two_by_two_equals_one_device(
     reference: dict, tmp_path: Path
 ) -> None:
-    both, both_sp = spawn(
+    both, both_sp, ddp = spawn(
         [
             Job(world_size=4, tensor_parallel=2, steps=STEPS, compare_init=True),
             Job(world_size=4, steps=STEPS, **SEQUENCE_PARALLEL),
+            Job(world_size=4, ddp=True, steps=STEPS),
         ],
         tmp_path,
     )
     assert all(both["init_equal"].values()), both["init_equal"]
+    assert_same_curve(ddp, reference)
     assert_same_curve(both, reference)
     assert_same_curve(both_sp, reference)
 
