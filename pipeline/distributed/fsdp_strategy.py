@@ -48,7 +48,8 @@ from pipeline.distributed.strategy import CompatibilityCheck, StepResult, Wrappe
 from pipeline.distributed.tensor_parallel import check_sequence_parallel, checkpoint_states
 from pipeline.errors import CheckpointError
 from pipeline.model import GPT
-from pipeline.training.components import compiled_forward, resolve_device, with_attention_backend
+from pipeline.training.components import compiled_forward, with_attention_backend
+from pipeline.training.device import resolve_device
 from pipeline.training.precision import MixedPrecision
 
 

@@ -37,7 +37,7 @@ from pipeline.evaluation import mlflow_source
 from pipeline.model import GPT
 from pipeline.model_artifact import CONFIG, WEIGHTS, load_model_dir
 from pipeline.tracking.mlflow_model import read_tracking_file
-from pipeline.training.components import resolve_device
+from pipeline.training.device import resolve_device
 
 SHAPE_KEYS = ("n_layer", "d_model", "n_head", "d_head", "d_ff", "n_ctx")
 

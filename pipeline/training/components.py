@@ -24,6 +24,7 @@ from pipeline.data.sources import SourceSpec, check_same_vocabulary, data_source
 from pipeline.errors import ConfigError, DataError
 from pipeline.model import GPT, flops_per_token
 from pipeline.training.batching import global_batch_sequences
+from pipeline.training.device import resolve_device
 from pipeline.training.mixture import MixtureSampler
 from pipeline.training.precision import MixedPrecision
 from pipeline.training.schedule import WarmupCosine
@@ -95,16 +96,6 @@ def with_attention_backend(forward: Callable[..., Any], backend: str) -> Callabl
             return forward(*args, **kwargs)
 
     return forward_with_backend
-
-
-def resolve_device(name: str) -> torch.device:
-    """`auto` -> CUDA when present, else CPU; asking for CUDA without one is a config error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"training.device: {name!r} requested but no CUDA device is available")
-    return device
 
 
 def seed_everything(seed: int) -> None:
