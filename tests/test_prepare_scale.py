@@ -304,8 +304,11 @@ def test_ctrl_c_during_a_run_ends_it_and_keeps_the_previous_output(
     assert _cli(args, tmp_path).returncode == 0
     before = _files(tmp_path / "data" / "prepared")
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    # As from a terminal: Ctrl-C raises KeyboardInterrupt. A suite started in the background by
+    # a non-interactive shell (as CI may be) ignores SIGINT, and children inherit that.
+    interactive = "import signal; signal.signal(signal.SIGINT, signal.default_int_handler)"
     process = subprocess.Popen(
-        [sys.executable, "-c", "from pipeline.cli import main; main()", *args],
+        [sys.executable, "-c", f"{interactive}; from pipeline.cli import main; main()", *args],
         cwd=tmp_path,
         env=env,
         stdout=subprocess.PIPE,
