@@ -19,6 +19,7 @@ from parallel_support import TINY, VOCAB, Job, single, spawn
 
 from pipeline.config.loader import load_config
 from pipeline.distributed.mesh import build_mesh
+from pipeline.distributed.strategy import choose_strategy
 from pipeline.distributed.tensor_parallel import (
     check_sequence_parallel,
     check_tensor_parallel,
@@ -134,18 +135,26 @@ def test_sequence_parallel_needs_fsdp_with_tensor_parallel(
         load_config(params_file=params)
 
 
-def test_dropout_under_tensor_parallel_needs_sequence_parallel(tmp_path: Path) -> None:
-    """TP alone shares one stream over the group: attention dropout would repeat its mask on
-    every rank's heads. Refused when the config loads, naming the keys; fine with SP."""
+def test_a_tensor_parallel_launch_checks_dropout_and_the_sequence_split(tmp_path: Path) -> None:
+    """Before any worker starts (`choose_strategy`, which `plan_launch` calls): dropout under TP
+    alone would repeat one attention-dropout mask on every rank's heads, and sequence
+    parallelism needs a length it can split. The config itself still loads (a model trained
+    that way stays readable for evaluation and export)."""
     params = tmp_path / "params.yaml"
     distributed = {"strategy": "fsdp", "tensor_parallel": 2}
     values = {"model": {"dropout": 0.1}, "distributed": distributed}
     params.write_text(yaml.safe_dump(values))
+    config = load_config(params_file=params)
     with pytest.raises(ConfigError, match=r"model\.dropout 0\.1 with distributed\.tensor_parallel"):
-        load_config(params_file=params)
+        choose_strategy(config, 2)
     values["distributed"] = {**distributed, "sequence_parallel": True}
     params.write_text(yaml.safe_dump(values))
-    assert load_config(params_file=params).model.dropout == 0.1
+    assert choose_strategy(load_config(params_file=params), 2) == "fsdp"
+    values["distributed"] = {**distributed, "tensor_parallel": 3, "sequence_parallel": True}
+    values["training"] = {"seq_len": 256, "max_steps": 10, "global_batch_size": 4}
+    params.write_text(yaml.safe_dump(values))
+    with pytest.raises(ConfigError, match=r"sequence length 256 .* not a multiple of .*3"):
+        choose_strategy(load_config(params_file=params), 3)
 
 
 def test_a_tensor_parallel_degree_that_does_not_divide_the_ranks_is_refused() -> None:

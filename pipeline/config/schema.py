@@ -280,25 +280,6 @@ class Config(Section):
         return self
 
     @model_validator(mode="after")
-    def _tensor_parallel_dropout_is_sequence_parallel(self) -> Config:
-        """Under tensor parallelism alone the ranks of a group share one random stream (the
-        activations between its layers are replicated, so their dropout masks must agree); the
-        attention dropout then repeats one mask on every rank's heads. Sequence parallelism
-        gives every dropout rank-local data and each rank its own stream."""
-        d = self.distributed
-        if self.model.dropout > 0 and d.tensor_parallel > 1 and not d.sequence_parallel:
-            raise CrossFieldError(
-                f"model.dropout {self.model.dropout} with distributed.tensor_parallel "
-                f"{d.tensor_parallel} needs distributed.sequence_parallel: true (tensor "
-                "parallelism alone would repeat one attention-dropout mask on every rank's "
-                "heads), or dropout 0",
-                "model.dropout",
-                "distributed.tensor_parallel",
-                "distributed.sequence_parallel",
-            )
-        return self
-
-    @model_validator(mode="after")
     def _run_dir_is_confined(self) -> Config:
         """`<output_root>/<name>` stays inside output_root; a relative root stays in the project.
 

@@ -77,6 +77,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 import torch
 
 from pipeline.config.schema import Config
+from pipeline.distributed.tensor_parallel import check_sequence_parallel
 from pipeline.errors import ConfigError
 from pipeline.training.precision import StepResult
 
@@ -215,7 +216,29 @@ def choose_strategy(config: Config, world_size: int) -> str:
     if name != "fsdp" and (d.tensor_parallel > 1 or d.cpu_offload):
         option = "tensor_parallel" if d.tensor_parallel > 1 else "cpu_offload"
         raise ConfigError(f"distributed.{option} needs distributed.strategy fsdp, not {name}")
+    if d.tensor_parallel > 1:
+        check_tensor_parallel_run(config)
     return name
+
+
+def check_tensor_parallel_run(config: Config) -> None:
+    """What a tensor-parallel run needs beyond the mesh, checked before any worker starts.
+
+    Dropout: tensor parallelism alone gives the ranks of a group one random stream (the
+    activations between its layers are replicated, so their dropout masks must agree), and the
+    attention dropout would then repeat one mask on every rank's heads; sequence parallelism
+    gives every dropout rank-local data and each rank its own stream. A check of the launch,
+    not of the config, so that models trained before it still load for evaluation and export.
+    """
+    d = config.distributed
+    if config.model.dropout > 0 and not d.sequence_parallel:
+        raise ConfigError(
+            f"model.dropout {config.model.dropout} with distributed.tensor_parallel "
+            f"{d.tensor_parallel} needs distributed.sequence_parallel: true (tensor parallelism "
+            "alone would repeat one attention-dropout mask on every rank's heads), or dropout 0"
+        )
+    if d.sequence_parallel:
+        check_sequence_parallel(config.seq_len, d.tensor_parallel)
 
 
 def build_strategy(name: str, comm: Collective, config: Config) -> Strategy:
