@@ -9,6 +9,7 @@ FSDP on 2 ranks; both continue with the uninterrupted run's losses.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,9 @@ from conftest import set_args, tiny_overrides
 from test_distributed import assert_close_curves, curve, run_stage
 
 from pipeline.config.loader import load_config
+from pipeline.distributed.data_parallel import sharded_checkpoint
+from pipeline.distributed.fsdp_strategy import newer_single_file
+from pipeline.errors import CheckpointError
 from pipeline.training.run import train
 
 FSDP = {"distributed.strategy": "fsdp"}
@@ -55,6 +59,24 @@ def test_fsdp_on_two_ranks_trains_as_one_and_resumes_on_one_device_and_back(
     proc = run_stage(args, tmp_path, timeout=STAGE_TIMEOUT)
     assert proc.returncode == 0, proc.stdout
     assert_close_curves(curve(back_to_fsdp), later, rel=1e-5)
+
+    # A run that changed strategy midway holds both layouts: whoever resumes takes the newest.
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    shutil.copytree(step4, mixed / step4.name)
+    for name in ("step_0000008.pt", "step_0000008.pt.sha256"):
+        shutil.copy(reference / "checkpoints" / name, mixed / name)
+    assert sharded_checkpoint(mixed, "single") is None  # step 8's file, not step 4's folder
+    assert newer_single_file(mixed, mixed) == mixed / "step_0000008.pt"
+    shutil.copytree(run_dir / "checkpoints" / "step_0000008", mixed / "step_0000008")
+    # A tie goes to the resuming strategy's own layout.
+    assert sharded_checkpoint(mixed, "single") is None
+    assert newer_single_file("latest", mixed) is None
+    (mixed / "step_0000008.pt").rename(mixed / "step_0000002.pt")  # the folder is newer now
+    assert sharded_checkpoint(mixed, "single") == mixed
+    (mixed / "step_0000008" / ".metadata").unlink()  # what a DeepSpeed folder looks like
+    with pytest.raises(CheckpointError, match="is a DeepSpeed checkpoint folder"):
+        sharded_checkpoint(mixed / "step_0000008", "single")
 
 
 def test_fsdp_composes_with_per_block_compile_and_activation_checkpointing(

@@ -56,11 +56,12 @@ from pipeline.checkpoint.files import write_error
 from pipeline.checkpoint.folders import (
     LATEST,
     FolderCheckpoints,
+    complete_tag_dirs,
     folder_files,
     hash_and_sync,
     verify_tag_dir,
 )
-from pipeline.checkpoint.layout import check_state
+from pipeline.checkpoint.layout import check_state, list_step_files
 from pipeline.checkpoint.store import LOOP_STATE
 from pipeline.distributed.comm import Collective
 from pipeline.errors import CheckpointError
@@ -241,6 +242,12 @@ class DCPStore(FolderCheckpoints):
         """The loop state of a verified DCP folder (its index checked, no shard read)."""
         return inspect_dcp_folder(path)
 
+    def loop_state(self, path: Path) -> dict[str, Any]:
+        """The loop state of a folder `resolve` has just verified: its index checked, its
+        files not hashed a second time (a large checkpoint takes minutes to hash)."""
+        check_metadata(path)
+        return read_loop_state(path)
+
     def restore_states(self, states: dict[str, Any], path: Path) -> dict[str, Any]:
         """Every rank: load `path` (verified by `resolve` on rank 0) into the Stateful entries
         in place, resharding to this run's layout; return the loop state."""
@@ -285,6 +292,17 @@ def inspect_dcp_folder(path: Path) -> dict[str, Any]:
 def is_dcp_folder(path: Path) -> bool:
     """Does `path` hold a DCP checkpoint (rather than a DeepSpeed one)? Not verified."""
     return (path / METADATA).is_file()
+
+
+def newest_steps(directory: Path) -> tuple[int | None, int | None]:
+    """(newest complete DCP folder's step, newest `step_*.pt` file's step) in `directory`.
+
+    A run that changed strategy midway (fsdp, then one device, in one output folder) holds
+    both layouts; whoever resumes it takes the higher step. Names only: nothing is verified.
+    """
+    folders = [step for step, path in complete_tag_dirs(directory) if is_dcp_folder(path)]
+    files = list_step_files(directory)
+    return (folders[-1] if folders else None), (files[-1][0] if files else None)
 
 
 def read_loop_state(path: Path) -> dict[str, Any]:
@@ -351,5 +369,6 @@ __all__ = [
     "check_metadata",
     "inspect_dcp_folder",
     "is_dcp_folder",
+    "newest_steps",
     "read_loop_state",
 ]

@@ -21,8 +21,14 @@ from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.checkpoint import CheckpointManager
 from pipeline.checkpoint.async_writer import AsyncCheckpointWriter
-from pipeline.checkpoint.dcp_store import DCPStore, ModelState, OptimizerState, is_dcp_folder
-from pipeline.checkpoint.folders import complete_tag_dirs
+from pipeline.checkpoint.dcp_store import (
+    DCPStore,
+    ModelState,
+    OptimizerState,
+    is_dcp_folder,
+    newest_steps,
+)
+from pipeline.checkpoint.folders import MANIFEST
 from pipeline.config.schema import Config
 from pipeline.distributed.comm import Collective
 from pipeline.distributed.strategy import CompatibilityCheck, StepResult, Wrapped
@@ -183,7 +189,7 @@ class SingleDevice(CollectiveStrategy):
         self.flush_checkpoints()
         store = self.store
         assert store is not None, "checkpoint_store() first"
-        sharded = sharded_checkpoint(Path(which))
+        sharded = sharded_checkpoint(Path(which), self.name)
         if sharded is not None:
             return self._load_sharded(sharded, check)
         loaded: dict[str, Any] = {}
@@ -208,8 +214,8 @@ class SingleDevice(CollectiveStrategy):
         assert self.model is not None and self.optimizer is not None and self.precision
         reader = DCPStore(source.parent, keep=1, comm=self.comm, async_save=False)
         try:
-            path = self.main_only(lambda: reader.resolve(source))
-            loop = self.comm.broadcast_object(reader.inspect(path) if self.is_main else None)
+            path = self.main_only(lambda: reader.resolve(source))  # verified (checksums)
+            loop = self.comm.broadcast_object(reader.loop_state(path) if self.is_main else None)
             check(loop, path)
             states = checkpoint_states(
                 {
@@ -276,15 +282,26 @@ class DataParallel(SingleDevice):
         return contextlib.nullcontext() if last else self.module.no_sync()
 
 
-def sharded_checkpoint(which: Path) -> Path | None:
-    """The DCP folder `which` names, if it names one: a `step_*` folder written by the fsdp
-    strategy, or a run's (checkpoints) directory whose `latest` is one. None otherwise (a
-    one-file checkpoint, `latest` of this run, or a step number: today's paths)."""
+def sharded_checkpoint(which: Path, strategy: str) -> Path | None:
+    """The DCP folder (or directory of them) `which` names, if the newest checkpoint it names is
+    one: a `step_*` folder written by the fsdp strategy, or a run's (checkpoints) directory
+    whose newest checkpoint is such a folder (a newer `step_*.pt` there wins). None for
+    everything else (`latest` of this run, a step number, a one-file checkpoint: today's paths).
+    A DeepSpeed folder is refused here, with what `strategy` does read."""
+    text = str(which)
+    if text == "latest" or text.isdigit():
+        return None
     if is_dcp_folder(which):
         return which
+    if (which / MANIFEST).is_file():
+        raise CheckpointError(
+            f"{which} is a DeepSpeed checkpoint folder, which only DeepSpeed resumes "
+            f"(--deepspeed_config); strategy {strategy} reads a one-file checkpoint (.pt) or a "
+            "sharded (fsdp) checkpoint folder"
+        )
     for directory in (which, which / "checkpoints"):
-        folders = complete_tag_dirs(directory)
-        if folders and is_dcp_folder(folders[-1][1]):
+        folder_step, file_step = newest_steps(directory)
+        if folder_step is not None and (file_step is None or folder_step > file_step):
             return directory
     return None
 

@@ -34,8 +34,14 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from pipeline.checkpoint.dcp_store import DCPStore, ModelState, OptimizerState
-from pipeline.checkpoint.layout import load_verified
+from pipeline.checkpoint.dcp_store import (
+    DCPStore,
+    ModelState,
+    OptimizerState,
+    is_dcp_folder,
+    newest_steps,
+)
+from pipeline.checkpoint.layout import load_verified, resolve_latest
 from pipeline.checkpoint.store import LOOP_STATE
 from pipeline.config.schema import Config
 from pipeline.distributed.comm import Collective
@@ -187,8 +193,12 @@ class FSDPStrategy(CollectiveStrategy):
         assert store is not None, "checkpoint_store() first"
         if Path(which).suffix == ".pt":  # a single-device (or DDP) run's one-file checkpoint
             return self._load_single_file(Path(which), check)
-        path = self.main_only(lambda: store.resolve(which))
-        loop = store.inspect(path) if self.is_main else None
+        newer_file = self.main_only(lambda: newer_single_file(which, store.directory))
+        newer_file = self.comm.broadcast_object(newer_file)
+        if newer_file is not None:
+            return self._load_single_file(newer_file, check)
+        path = self.main_only(lambda: store.resolve(which))  # verified (checksums)
+        loop = store.loop_state(path) if self.is_main else None
         loop = self.comm.broadcast_object(loop)
         check(loop, path)
         try:
@@ -237,6 +247,25 @@ class FSDPStrategy(CollectiveStrategy):
     def close(self) -> None:
         if self.store is not None:
             self.store.close()
+
+
+def newer_single_file(which: str | Path, own: Path) -> Path | None:
+    """The one-file checkpoint to resume instead of a DCP folder, when `which` (`latest`: the
+    run's own `own` directory; or a run/checkpoints directory) holds a `step_*.pt` newer than
+    every DCP folder there: a run that went on under one device after fsdp. None otherwise."""
+    text = str(which)
+    if text.isdigit():
+        return None
+    candidates = [own] if text == "latest" else [Path(which), Path(which) / "checkpoints"]
+    for directory in candidates:
+        if is_dcp_folder(directory):
+            return None
+        folder_step, file_step = newest_steps(directory)
+        if file_step is not None and (folder_step is None or file_step > folder_step):
+            return resolve_latest(directory)
+        if folder_step is not None:
+            return None
+    return None
 
 
 def rebuild_optimizer(optimizer: torch.optim.Optimizer, model: GPT) -> torch.optim.Optimizer:
