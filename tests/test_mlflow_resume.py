@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -269,6 +270,7 @@ def test_sharded_checkpoint_folders_are_logged_and_resume_on_one_device(
     _train_stage(original, prepared_dir, _tracking(server, sharded))
     run_id = _run_id(original)
     client = MlflowClient(server.url)
+    run = client.get_run(run_id)
     listed = {item.path for item in client.list_artifacts(run_id, "checkpoints")}
     assert {"checkpoints/step_0000004", "checkpoints/step_0000008", "checkpoints/latest"} <= listed
     step4 = {
@@ -297,6 +299,25 @@ def test_sharded_checkpoint_folders_are_logged_and_resume_on_one_device(
     for which in (f"runs:/{run_id}", uri):
         with pytest.raises(CheckpointError, match="a sharded \\(DCP\\) folder"):
             fetch_checkpoint(which, config, parts.vocab_size, parts.tokenizer_id, "deepspeed")
+
+    # One MLflow run holding both layouts (a run resumed under another strategy logs into the
+    # same run): the newest step wins whatever the layout; a folder still uploading (no
+    # manifest yet) is passed over.
+    mixed = client.create_run(run.info.experiment_id).info.run_id
+    client.log_artifacts(mixed, str(original / "checkpoints" / "step_0000004"),
+                         "checkpoints/step_0000004")  # fmt: skip
+    for name in ("step_0000008.pt", "step_0000008.pt.sha256"):
+        client.log_artifact(mixed, str(resumed / "checkpoints" / name), "checkpoints")
+    partial = tmp_path / "step_0000012"
+    shutil.copytree(original / "checkpoints" / "step_0000008", partial)
+    (partial / "checksums.sha256").unlink()
+    client.log_artifacts(mixed, str(partial), "checkpoints/step_0000012")
+    client.set_terminated(mixed)
+    for strategy in ("fsdp", "single"):
+        chosen = fetch_checkpoint(f"runs:/{mixed}", config, parts.vocab_size,
+                                  parts.tokenizer_id, strategy)  # fmt: skip
+        chosen.cleanup()
+        assert chosen.artifact == "checkpoints/step_0000008.pt", strategy
 
 
 def test_bad_sources_are_one_line_and_write_nothing(

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -59,6 +60,7 @@ DOWNLOAD_DIR = "from-mlflow"
 """`<run_dir>/from-mlflow/<run_id>/`: where a resume from MLflow keeps what it started from."""
 FINISHED = "FINISHED"
 
+_STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
 FILE, DCP, DEEPSPEED = "a single-file checkpoint", "a sharded (DCP) folder", "a DeepSpeed folder"
 READS = {"deepspeed": (DEEPSPEED,), "fsdp": (DCP, FILE), "single": (FILE, DCP), "ddp": (FILE, DCP)}
 """The checkpoint layouts each strategy resumes from, the one it writes first."""
@@ -192,7 +194,14 @@ def _choose(
                 f"{uri.text}: MLflow run {uri.run_id} has no checkpoint {artifact} "
                 f"({ARTIFACT_DIR}/ holds {have})"
             )
-        layout = _folder_layout(reader, uri, artifact) if listed[artifact] else FILE
+        layout = FILE
+        if listed[artifact]:
+            layout = _folder_layout(artifact, reader.listing(uri, artifact))
+            if layout is None:
+                raise CheckpointError(
+                    f"{uri.text}: {artifact} is not a complete checkpoint folder (no manifest, "
+                    "or neither a DCP index nor DeepSpeed model states): still uploading?"
+                )
         if layout not in reads:
             raise CheckpointError(
                 f"{uri.text} is {layout}, which strategy {strategy} cannot resume from (it "
@@ -212,54 +221,109 @@ def _choose(
 def _newest(
     reader: RunReader, uri: RunUri, listed: dict[str, bool], reads: tuple[str, ...], staging: Path
 ) -> tuple[str, str]:
-    """The newest logged checkpoint in the first of `reads`' layouts the run logged."""
-    folder = ""
+    """The newest logged checkpoint among the layouts in `reads`: the highest step wins (a run
+    resumed under another strategy logs both layouts into one MLflow run), a tie goes to the
+    layout `reads` names first."""
+    found: list[tuple[int, int, str, str]] = []  # (step, -preference, artifact, layout)
+    if FILE in reads:
+        newest = _newest_file(listed)
+        if newest is not None:
+            found.append((newest[0], -reads.index(FILE), newest[1], FILE))
     if any(layout != FILE for layout in reads):
-        folders = sorted(p for p, is_dir in listed.items() if is_dir and is_tag_name(_name(p)))
-        folder = _newest_folder(reader, uri, listed, folders, staging)
-    latest = f"{ARTIFACT_DIR}/{LATEST_NAME}"
-    step_files = sorted(
-        p for p, is_dir in listed.items()
-        if not is_dir and _name(p).startswith("step_") and p.endswith(".pt")
-    )  # fmt: skip
-    newest_file = latest if latest in listed else (step_files[-1] if step_files else "")
-    found = {FILE: newest_file} if newest_file else {}
-    if folder:
-        found[_folder_layout(reader, uri, folder)] = folder
-    for layout in reads:
-        if layout in found:
-            return found[layout], layout
-    logged = " and ".join(sorted(found)) or "no complete checkpoint"
-    raise CheckpointError(
-        f"{uri.text}: this run's strategy resumes from {' or '.join(reads)}, but MLflow run "
-        f"{uri.run_id} logged {logged}"
+        floor = max((item[0] for item in found), default=-1)
+        folder = _newest_folder(reader, uri, listed, reads, floor, staging)
+        if folder is not None:
+            step, artifact, layout = folder
+            found.append((step, -reads.index(layout), artifact, layout))
+    if not found:
+        logged = [FILE] if FILE not in reads and _newest_file(listed) is not None else []
+        other = tuple(layout for layout in (DCP, DEEPSPEED) if layout not in reads)
+        folder = _newest_folder(reader, uri, listed, other, -1, staging) if other else None
+        logged += [folder[2]] if folder is not None else []
+        raise CheckpointError(
+            f"{uri.text}: this run's strategy resumes from {' or '.join(reads)}, but MLflow run "
+            f"{uri.run_id} logged "
+            + (f"only {' and '.join(logged)}" if logged else "no complete checkpoint")
+        )
+    _, _, artifact, layout = max(found)
+    return artifact, layout
+
+
+def _newest_file(listed: dict[str, bool]) -> tuple[int, str] | None:
+    """(step, artifact) of the newest logged one-file checkpoint: `latest_checkpoint.pt` (the
+    newest step's copy) when logged, else the highest `step_*.pt`."""
+    steps = sorted(
+        (int(match.group(1)), path)
+        for path, is_dir in listed.items()
+        if not is_dir and (match := _STEP_FILE.match(_name(path)))
     )
-
-
-def _folder_layout(reader: RunReader, uri: RunUri, folder: str) -> str:
-    """A logged checkpoint folder is DCP's when it holds DCP's index, else DeepSpeed's."""
-    return DCP if f"{folder}/{METADATA}" in reader.listing(uri, folder) else DEEPSPEED
+    latest = f"{ARTIFACT_DIR}/{LATEST_NAME}"
+    newest_step = steps[-1][0] if steps else -1
+    if latest in listed and not listed[latest]:
+        return newest_step, latest
+    return steps[-1] if steps else None
 
 
 def _newest_folder(
-    reader: RunReader, uri: RunUri, listed: dict[str, bool], folders: list[str], staging: Path
-) -> str:
-    """The folder the logged `latest` pointer names (read as text), else the highest step."""
+    reader: RunReader,
+    uri: RunUri,
+    listed: dict[str, bool],
+    reads: tuple[str, ...],
+    floor: int,
+    staging: Path,
+) -> tuple[int, str, str] | None:
+    """(step, artifact, layout) of the newest complete logged folder in a layout of `reads`
+    above step `floor`: the one the logged `latest` pointer names first, then newest first.
+    A folder without its manifest (still uploading) or of another layout is passed over."""
+    folders = sorted(
+        (int(_name(path).split("_")[1]), path)
+        for path, is_dir in listed.items()
+        if is_dir and is_tag_name(_name(path))
+    )
+    order = [path for _, path in reversed(folders)]
+    named = _pointer_folder(reader, uri, listed, staging)
+    if named is not None and named in order:
+        order.remove(named)
+        order.insert(0, named)
+    for folder in order:
+        step = int(_name(folder).split("_")[1])
+        if step < floor:
+            continue
+        contents = reader.listing(uri, folder)
+        layout = _folder_layout(folder, contents)
+        if layout is None:
+            logger.warning("%s: %s is not a complete checkpoint folder; skipped", uri.text, folder)
+        elif layout in reads:
+            return step, folder, layout
+    return None
+
+
+def _pointer_folder(
+    reader: RunReader, uri: RunUri, listed: dict[str, bool], staging: Path
+) -> str | None:
+    """The folder the logged `latest` pointer names (read as text), if it names one."""
     pointer = f"{ARTIFACT_DIR}/{DEEPSPEED_LATEST}"
-    if pointer in listed and not listed[pointer]:
-        reader.download(uri, [pointer], staging / ".pointer")
-        named = (staging / ".pointer" / pointer).read_text(encoding="utf-8", errors="replace")
-        shutil.rmtree(staging / ".pointer")
-        candidate = f"{ARTIFACT_DIR}/{named.strip()}"
-        if is_tag_name(named.strip()) and candidate in folders:
-            return candidate
-        logger.warning(
-            "%s: its %s names no logged folder; taking the highest step", uri.text, pointer
-        )
-    for folder in reversed(folders):  # newest first; a folder without its manifest is partial
-        if f"{folder}/{MANIFEST}" in reader.listing(uri, folder):
-            return folder
-    return ""
+    if pointer not in listed or listed[pointer]:
+        return None
+    reader.download(uri, [pointer], staging / ".pointer")
+    named = (staging / ".pointer" / pointer).read_text(encoding="utf-8", errors="replace")
+    shutil.rmtree(staging / ".pointer")
+    if is_tag_name(named.strip()):
+        return f"{ARTIFACT_DIR}/{named.strip()}"
+    logger.warning("%s: its %s names no folder; taking the highest step", uri.text, pointer)
+    return None
+
+
+def _folder_layout(folder: str, contents: dict[str, bool]) -> str | None:
+    """A logged folder's layout by what it holds: DCP's index, or DeepSpeed's model states;
+    None when its manifest (uploaded last) is missing or it holds neither."""
+    if f"{folder}/{MANIFEST}" not in contents:
+        return None
+    if f"{folder}/{METADATA}" in contents:
+        return DCP
+    if any(path.endswith("model_states.pt") for path in contents):
+        return DEEPSPEED
+    return None
 
 
 def _name(path: str) -> str:
