@@ -131,6 +131,10 @@ def test_a_json_that_contradicts_the_project_is_one_clear_error(
         resolve_deepspeed_config({}, config, 3, "x", cuda=False)
     with pytest.raises(ConfigError, match=r"missing\.json: file not found"):
         read_deepspeed_json(tmp_path / "missing.json")
+    binary = tmp_path / "binary.json"
+    binary.write_bytes(b"\xff\xfe{}")
+    with pytest.raises(ConfigError, match=r"binary\.json: not UTF-8 text"):
+        read_deepspeed_json(binary)
 
 
 # ----------------------------------------------------------------------------- launches

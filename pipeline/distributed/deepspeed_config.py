@@ -43,6 +43,10 @@ def read_deepspeed_json(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"--deepspeed_config {path}: file not found") from None
     except OSError as exc:
         raise ConfigError(f"--deepspeed_config {path}: cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"--deepspeed_config {path}: not UTF-8 text (byte {exc.start}): not a JSON file"
+        ) from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
