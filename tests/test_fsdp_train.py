@@ -101,17 +101,21 @@ def test_fsdp_composes_with_per_block_compile_and_activation_checkpointing(
     assert_close_curves(curve(run_dir), first, rel=1e-4)
 
 
-def test_tensor_parallel_with_sequence_parallel_through_the_stage(
+def test_tensor_parallel_with_sequence_parallel_compiled_through_the_stage(
     prepared_dir: Path, reference: Path, tmp_path: Path
 ) -> None:
     """The README's TP launch on 2 ranks: one tensor-parallel group (heads, MLP and the tied
-    head split two ways, norms sequence-parallel) trains the single-device losses, and its
+    head split two ways, norms sequence-parallel), each block compiled and recomputed, trains
+    the single-device losses (within compiled kernels' reordering of float sums), and its
     checkpoint is a DCP folder like FSDP's."""
     run_dir = tmp_path / "tp"
     extra = {
         **FSDP,
         "distributed.tensor_parallel": 2,
         "distributed.sequence_parallel": True,
+        "training.compile": True,
+        "training.compile_scope": "blocks",
+        "training.gradient_checkpointing": True,
         "training.max_steps": 4,
     }
     two = ["--gpus_per_node", "2", "--distributed_backend", "gloo"]
@@ -119,5 +123,5 @@ def test_tensor_parallel_with_sequence_parallel_through_the_stage(
                      timeout=STAGE_TIMEOUT)  # fmt: skip
     assert proc.returncode == 0, proc.stdout
     first = {step: loss for step, loss in curve(reference).items() if step <= 4}
-    assert_close_curves(curve(run_dir), first, rel=1e-5)
+    assert_close_curves(curve(run_dir), first, rel=1e-4)
     assert (run_dir / "checkpoints" / "step_0000004" / ".metadata").is_file()

@@ -124,7 +124,7 @@ def resolve_deepspeed_config(
     r.settle(d, "gradient_clipping", t.grad_clip or 0.0, "gradient_clipping", "training.grad_clip")
     _precision(r, t.precision, cuda)
     _optimizer(r, config)
-    _zero(r, config, cuda)
+    _zero(r, config)
     if "scheduler" in d:
         r.problems.append(
             f"scheduler in {source}: the learning rate follows the training config (token-based "
@@ -189,7 +189,7 @@ def _optimizer(r: _Resolver, config: Config) -> None:
         r.settle(params, key, value, f"optimizer.params.{key}", why)
 
 
-def _zero(r: _Resolver, config: Config, cuda: bool) -> None:
+def _zero(r: _Resolver, config: Config) -> None:
     section = r.section("zero_optimization")
     if section is None:
         return

@@ -20,7 +20,8 @@ into its partitioned parameters through `deepspeed.zero.GatheredParameters`. Hen
   left where today's build leaves it (tested);
 - on many ranks every rank draws the same full tensors and rank 0's are kept
   (`modifier_rank=0`), so the weights are deterministic for a seed whatever the world size;
-- peak memory is the partitions plus the largest single parameter (the embedding).
+- peak memory is the partitions plus the largest layer twice in fp32 (the drawn copy and the
+  gathered one), as `gpt3 plan` plans it.
 
 The tied head survives: `GPT.tie_weights` runs inside the constructor and assigns the embedding's
 already-partitioned Parameter to `lm_head`, one Parameter (one `ds_id`) in two modules, which
@@ -92,8 +93,9 @@ def _resolved(config: Config, device: torch.device) -> dict[str, Any]:
     if not dist.is_available() or not dist.is_initialized():
         raise ConfigError(
             f"--deepspeed_config {path}: ZeRO stage 3 builds the model partitioned across the "
-            "job's ranks (deepspeed.zero.Init), which needs their process group; launch with "
-            "`deepspeed` or torchrun, or use stage 0-2 for one process without one"
+            "job's ranks (deepspeed.zero.Init), which needs their process group: run it "
+            "through stages/train.py or `gpt3 train` (they set the group up, also for one "
+            "process), or initialise torch.distributed before calling train()"
         )
     return resolve_deepspeed_config(
         read_deepspeed_json(path), config, dist.get_world_size(), str(path), device.type == "cuda"
