@@ -121,3 +121,36 @@ def test_the_trainer_uses_only_the_protocol(prepared_dir: Path, tmp_path: Path) 
     protocol = {name for name in dir(Strategy) if not name.startswith("_")}
     assert set(strategy.calls) <= protocol, set(strategy.calls) - protocol
     assert {"wrap", "backward", "step", "reduce_mean", "save", "load"} <= set(strategy.calls)
+
+
+def test_ddp_lets_go_of_its_reducer_before_the_process_group_is_destroyed(
+    tmp_path: Path,
+) -> None:
+    """A rank once hung at exit: the Reducer, freed with the GIL held after the group was
+    destroyed, released the group's last reference and gloo's destructor waited for a thread
+    that needed the GIL. `close()` (run before the group is destroyed) frees the wrapper."""
+    import gc
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from pipeline.distributed.comm import Collective
+    from pipeline.model import GPT
+
+    store = f"file://{tmp_path / 'rendezvous'}"
+    dist.init_process_group("gloo", init_method=store, rank=0, world_size=1)
+    try:
+        config = load_config(overrides=tiny_overrides(tmp_path, tmp_path / "run"))
+        strategy = DataParallel(Collective(), config=config)
+        model = GPT(config.model, 64)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        wrapped = strategy.wrap(model, optimizer, MixedPrecision("fp32", "cpu", None))
+        ids = torch.randint(0, 64, (2, 8))
+        strategy.backward(wrapped.forward(ids, ids)[1])
+        strategy.step()
+        del wrapped
+        strategy.close()
+        alive = [o for o in gc.get_objects() if isinstance(o, DistributedDataParallel)]
+        assert alive == []
+    finally:
+        dist.destroy_process_group()

@@ -10,6 +10,7 @@ See `pipeline.distributed.strategy` for the protocol.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -280,6 +281,20 @@ class DataParallel(SingleDevice):
         """All-reduce on the last micro-batch only; the others accumulate locally (no_sync)."""
         assert self.module is not None, "wrap() first"
         return contextlib.nullcontext() if last else self.module.no_sync()
+
+    def close(self) -> None:
+        """Drop the DDP wrapper while the process group is still registered.
+
+        DDP's C++ Reducer holds a reference to the group, and Python frees the Reducer with the
+        GIL held. Were that the group's last reference (the group already destroyed, DDP freed
+        later with the caller's locals), gloo's destructor would join its worker thread, which
+        may need the GIL to free the tensors of its last collective: a rank hung at exit after
+        "done" (seen in CI). Freed here, the Reducer only lets go of its reference, and
+        `destroy_process_group` frees the group with the GIL released.
+        """
+        self.module = None
+        gc.collect()  # a reference cycle through the wrapper must not free it later
+        super().close()
 
 
 def sharded_checkpoint(which: Path, strategy: str) -> Path | None:
