@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO_ROOT, tiny_overrides
 from mlflow_support import MlflowServer, free_port, poll
+from test_distributed import curve
 
 from pipeline.cli import run_command
 from pipeline.cli.train import train as train_command
@@ -231,14 +232,8 @@ def test_deepspeed_checkpoint_folders_are_logged_and_resume_exactly(
     run_id = _run_id(original)
     client = MlflowClient(server.url)
     run = client.get_run(run_id)
-    listed = {item.path for item in client.list_artifacts(run_id, "checkpoints")}
-    assert {"checkpoints/step_0000004", "checkpoints/step_0000008", "checkpoints/latest"} <= listed
-    step4 = {
-        item.path.rsplit("/", 1)[1]
-        for item in client.list_artifacts(run_id, "checkpoints/step_0000004")
-    }
-    local4 = {p.name for p in (original / "checkpoints" / "step_0000004").iterdir()}
-    assert step4 == local4 and "checksums.sha256" in step4
+    step4 = _logged_folders_are_whole(client, run_id, original)
+    assert "checksums.sha256" in step4
     assert not (original / ".mlflow-staging").exists()
 
     resumed = tmp_path / "b" / "run"
@@ -252,10 +247,17 @@ def test_deepspeed_checkpoint_folders_are_logged_and_resume_exactly(
     assert child.data.tags["resumed_from.artifact"] == "checkpoints/step_0000004"
 
 
-def _losses(run_dir: Path) -> dict[int, float]:
-    with (run_dir / "plots" / "train_loss.csv").open() as handle:
-        rows = list(handle)[1:]
-    return {int(row.split(",")[0]): float(row.split(",")[1]) for row in rows}
+def _logged_folders_are_whole(client: MlflowClient, run_id: str, original: Path) -> set[str]:
+    """Checkpoint folders of steps 4 and 8 and `latest` were logged, step 4 with every file
+    the run wrote locally; returns step 4's file names."""
+    listed = {item.path for item in client.list_artifacts(run_id, "checkpoints")}
+    assert {"checkpoints/step_0000004", "checkpoints/step_0000008", "checkpoints/latest"} <= listed
+    step4 = {
+        item.path.rsplit("/", 1)[1]
+        for item in client.list_artifacts(run_id, "checkpoints/step_0000004")
+    }
+    assert step4 == {p.name for p in (original / "checkpoints" / "step_0000004").iterdir()}
+    return step4
 
 
 def test_sharded_checkpoint_folders_are_logged_and_resume_on_one_device(
@@ -271,21 +273,15 @@ def test_sharded_checkpoint_folders_are_logged_and_resume_on_one_device(
     run_id = _run_id(original)
     client = MlflowClient(server.url)
     run = client.get_run(run_id)
-    listed = {item.path for item in client.list_artifacts(run_id, "checkpoints")}
-    assert {"checkpoints/step_0000004", "checkpoints/step_0000008", "checkpoints/latest"} <= listed
-    step4 = {
-        item.path.rsplit("/", 1)[1]
-        for item in client.list_artifacts(run_id, "checkpoints/step_0000004")
-    }
-    assert step4 == {p.name for p in (original / "checkpoints" / "step_0000004").iterdir()}
+    step4 = _logged_folders_are_whole(client, run_id, original)
     assert {".metadata", "trainer.pt", "checksums.sha256"} <= step4
 
     resumed = tmp_path / "b" / "run"
     uri = f"runs:/{run_id}/checkpoints/step_0000004"
     config = load_config(overrides=tiny_overrides(prepared_dir, resumed, _tracking(server)))
     train(config, resume=uri, console=False)
-    want = {step: loss for step, loss in _losses(original).items() if step > 4}
-    got = _losses(resumed)
+    want = {step: loss for step, loss in curve(original).items() if step > 4}
+    got = curve(resumed)
     assert sorted(got) == sorted(want)
     assert all(got[s] == pytest.approx(want[s], rel=1e-5) for s in want), (got, want)
     child = client.get_run(_run_id(resumed))

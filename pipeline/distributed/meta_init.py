@@ -25,6 +25,8 @@ GPU, seconds for 175B).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
@@ -53,29 +55,50 @@ def materialize(model: GPT, device: torch.device, init_device: torch.device | No
     init_device = init_device or device
     model.to_empty(device=device)
     targets = dict(model.named_parameters())  # tied head dedup'd: lm_head.weight is wte.weight
-    reference = build_on_meta(model.config, model.vocab_size)
+    for name, module, tied_head in replay_init(model.config, model.vocab_size, init_device):
+        for local_name, full in module.named_parameters(recurse=False):
+            target = targets.pop(qualified(name, local_name), None)
+            if target is not None and not tied_head:
+                _copy_shard(target, full)
+    if targets:
+        raise RuntimeError(f"materialize: parameters left uninitialised: {sorted(targets)}")
+    if not isinstance(model.wte.weight, DTensor):  # unsharded: to_empty broke the tie
+        model.tie_weights()
+
+
+@torch.no_grad()
+def replay_init(
+    config: ModelConfig, vocab_size: int, device: torch.device
+) -> Iterator[tuple[str, nn.Module, bool]]:
+    """Today's initial values of `GPT(config, vocab_size)`, one module at a time.
+
+    Draws from `device`'s default generator exactly what today's build draws, in its order:
+    first PyTorch's defaults of every module in construction order (drawn, then dropped), then
+    GPT-2's init in `named_modules` order. Yields `(name, module, tied_head)` with the module's
+    full parameters allocated on `device` and holding their values; once the consumer has
+    copied them, they go back to the meta device, so one module is whole at a time.
+    `tied_head`: the output head, whose weight is the embedding's (written as that).
+    """
+    reference = build_on_meta(config, vocab_size)
     modules = [
         (name, module)
         for name, module in reference.named_modules()
         if next(module.parameters(recurse=False), None) is not None
     ]
     for _, module in modules:  # 1. the constructor's defaults: drawn, then dropped
-        module.to_empty(device=init_device, recurse=False)
+        module.to_empty(device=device, recurse=False)
         module.reset_parameters()
         module.to_empty(device="meta", recurse=False)
-    for name, module in modules:  # 2. GPT-2's init, each parameter copied to its shard
-        module.to_empty(device=init_device, recurse=False)
+    for name, module in modules:  # 2. GPT-2's init, handed out module by module
+        module.to_empty(device=device, recurse=False)
         reference.init_module(name, module)
-        for local_name, full in module.named_parameters(recurse=False):
-            qualified = f"{name}.{local_name}" if name else local_name
-            target = targets.pop(qualified, None)
-            if target is not None and module is not reference.lm_head:
-                _copy_shard(target, full)
+        yield name, module, module is reference.lm_head
         module.to_empty(device="meta", recurse=False)
-    if targets:
-        raise RuntimeError(f"materialize: parameters left uninitialised: {sorted(targets)}")
-    if not isinstance(model.wte.weight, DTensor):  # unsharded: to_empty broke the tie
-        model.tie_weights()
+
+
+def qualified(module_name: str, local_name: str) -> str:
+    """The model-level name of a module's parameter (the root module's name is empty)."""
+    return f"{module_name}.{local_name}" if module_name else local_name
 
 
 def _copy_shard(target: nn.Parameter, full: torch.Tensor) -> None:

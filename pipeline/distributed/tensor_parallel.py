@@ -94,8 +94,12 @@ class ReplicateParallel(ParallelStyle):
             device_mesh,
             partition_fn=_replicate_parameters,
             input_fn=_inputs_to_replicated,
-            output_fn=_output_to_local,
+            output_fn=self._output_fn,
         )
+
+    @staticmethod
+    def _output_fn(module: nn.Module, outputs: Any, device_mesh: DeviceMesh) -> Any:
+        return _output_to_local(module, outputs, device_mesh)
 
 
 def _replicate_parameters(name: str, module: nn.Module, device_mesh: DeviceMesh) -> None:
@@ -212,14 +216,9 @@ class PositionsSequenceParallel(ReplicateParallel):
     whole (replicated) gradient of the table.
     """
 
-    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
-        return distribute_module(
-            module,
-            device_mesh,
-            partition_fn=_replicate_parameters,
-            input_fn=_inputs_to_replicated,
-            output_fn=_output_rows_to_local,
-        )
+    @staticmethod
+    def _output_fn(module: nn.Module, outputs: Any, device_mesh: DeviceMesh) -> Any:
+        return _output_rows_to_local(module, outputs, device_mesh)
 
 
 def _output_rows_to_local(module: nn.Module, outputs: Any, device_mesh: DeviceMesh) -> Any:

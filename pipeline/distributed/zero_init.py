@@ -37,7 +37,7 @@ from torch import nn
 
 from pipeline.config.schema import Config
 from pipeline.distributed.deepspeed_config import read_deepspeed_json, resolve_deepspeed_config
-from pipeline.distributed.meta_init import build_on_meta
+from pipeline.distributed.meta_init import qualified, replay_init
 from pipeline.errors import ConfigError
 from pipeline.model import GPT
 
@@ -126,36 +126,19 @@ def initialize(model: GPT, device: torch.device) -> None:
     import deepspeed
 
     targets = dict(model.named_parameters())  # the tied head once: lm_head.weight is wte.weight
-    reference = build_on_meta(model.config, model.vocab_size)
-    modules = [
-        (name, module)
-        for name, module in reference.named_modules()
-        if next(module.parameters(recurse=False), None) is not None
-    ]
-    for _, module in modules:  # 1. the constructor's defaults: drawn, then dropped
-        module.to_empty(device=device, recurse=False)
-        module.reset_parameters()
-        module.to_empty(device="meta", recurse=False)
-    for name, module in modules:  # 2. GPT-2's init, written into the partitions
-        module.to_empty(device=device, recurse=False)
-        reference.init_module(name, module)
+    for name, module, tied_head in replay_init(model.config, model.vocab_size, device):
         pairs = [
-            (targets.pop(_qualified(name, local)), full)
+            (targets.pop(qualified(name, local)), full)
             for local, full in module.named_parameters(recurse=False)
-            if module is not reference.lm_head  # tied: written as wte.weight
+            if not tied_head  # written as wte.weight
         ]
         if pairs:
             params = [target for target, _ in pairs]
             with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
                 for target, full in pairs:
                     target.data.copy_(full)  # rounds to bf16 as DeepSpeed's cast does today
-        module.to_empty(device="meta", recurse=False)
     if targets:
         raise RuntimeError(f"zero.Init build: parameters left uninitialised: {sorted(targets)}")
-
-
-def _qualified(module_name: str, local: str) -> str:
-    return f"{module_name}.{local}" if module_name else local
 
 
 def full_shape(param: nn.Parameter) -> torch.Size:
